@@ -306,3 +306,201 @@ def make_shapes(n, seed=0, size=32):
         img = np.where(mask[..., None], colour, bg)
         images[i] = np.clip(img, 0, 255).round().astype(np.uint8)
     return images, labels
+
+
+# -----------------------------------------------------------------------------
+# Latent cache
+#
+# Layout of a cache folder (one per split):
+#   header.json   vae fingerprint + config, scale_factor, N, latent shape, batch size, name
+#   moments.npy   float32 (N, 2, 2C, h, w), memory-mapped. dim 1: [plain image, image
+#                 flipped left-right]; dim 2: [posterior mean (C), posterior logvar (C)]
+#   labels.npy    int64 (N,)
+#   done.npy      bool (number of batches,): batch b (images b*bs .. (b+1)*bs - 1) is written
+#
+# The moments of a batch are flushed to disk before its done flag is set, so an interrupted
+# run resumes with the first unfinished batch. Under DDP each rank encodes the batches
+# b with b % world_size == rank into the same memory-mapped files (one machine, or a
+# shared file system with coherent mmap). header.json is written last by rank 0, after
+# the arrays exist.
+
+def _write_json_atomic(obj, path):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _read_header(path):
+    hp = os.path.join(path, 'header.json')
+    if not os.path.isfile(hp):
+        raise FileNotFoundError(f"no latent cache at {path!r} (header.json missing); build it "
+                                f"with data.build_latent_cache (see train.py)")
+    with open(hp) as f:
+        return json.load(f)
+
+
+def _refuse_other_vae(path, header, fingerprint):
+    if header['vae_fingerprint'] != fingerprint:
+        raise ValueError(
+            f"the latent cache {path!r} was made with another VAE (fingerprint "
+            f"{header['vae_fingerprint']}, yours is {fingerprint}). Delete the folder "
+            f"{path!r} to rebuild it, or pass the VAE it was built with.")
+
+
+def build_latent_cache(vae, images_or_dataset, labels, path, *, scale_factor, batch_size=256,
+                       device='cpu', rank=0, world_size=1, log_every=20, barrier=None,
+                       dataset_name='', num_workers=0, max_batches=None):
+    """Encode every image once (plain and flipped) into the cache folder `path`; resumable.
+
+    images_or_dataset: uint8 numpy (N, H, W, 3), or an ImageFolderDataset with
+      train_aug=False (ADM center crop); labels: int array (N,), or None to take the
+      dataset's own .labels.
+    DDP: every rank calls this with the same arguments and its rank / world_size and a
+      `barrier` callable (e.g. torch.distributed.barrier); rank 0 creates the files, then all
+      ranks wait at the barrier, encode their share, and wait again at the end.
+    max_batches: encode at most this many batches in this call (for tests / chunked runs).
+    Returns the number of batches this call encoded.
+    """
+    from vae import vae_fingerprint
+    if world_size > 1 and barrier is None:
+        raise ValueError("build_latent_cache with world_size > 1 needs barrier= (e.g. "
+                         "torch.distributed.barrier) so that rank 0 creates the files first")
+    is_array = isinstance(images_or_dataset, np.ndarray)
+    if is_array:
+        images = images_or_dataset
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+        img_size = images.shape[1]
+    else:
+        if getattr(images_or_dataset, 'train_aug', False):
+            raise ValueError("cache latents from an ImageFolderDataset with train_aug=False "
+                             "(center crop); the flip is added by the cache itself")
+        img_size = images_or_dataset.image_size
+        if labels is None:
+            labels = getattr(images_or_dataset, 'labels', None)
+    if labels is None:
+        raise ValueError("build_latent_cache needs labels (an int array of length N)")
+    labels = np.asarray(labels, dtype=np.int64)
+    N = len(images_or_dataset)
+    if len(labels) != N:
+        raise ValueError(f"{N} images but {len(labels)} labels")
+
+    f = vae.downsample_factor
+    C = vae.config['embed_dim']
+    latent_shape = [C, img_size // f, img_size // f]
+    n_batches = (N + batch_size - 1) // batch_size
+    fingerprint = vae_fingerprint(vae)
+    header = dict(vae_fingerprint=fingerprint, vae_config=vae.config,
+                  scale_factor=float(scale_factor), N=N, latent_shape=latent_shape,
+                  batch_size=batch_size, dataset=dataset_name)
+    mpath, lpath, dpath = (os.path.join(path, n) for n in ('moments.npy', 'labels.npy', 'done.npy'))
+
+    # --- create (rank 0) or check an existing cache ---
+    if rank == 0:
+        if os.path.isfile(os.path.join(path, 'header.json')):
+            old = _read_header(path)
+            _refuse_other_vae(path, old, fingerprint)
+            for k in ('N', 'latent_shape', 'batch_size', 'scale_factor'):
+                if old[k] != header[k]:
+                    raise ValueError(f"the latent cache {path!r} has {k}={old[k]}, this call "
+                                     f"{header[k]}; pass the same value or delete the folder")
+        else:
+            os.makedirs(path, exist_ok=True)
+            mm = np.lib.format.open_memmap(mpath, mode='w+', dtype=np.float32,
+                                           shape=(N, 2, 2 * C, latent_shape[1], latent_shape[2]))
+            del mm
+            np.save(lpath, labels)
+            np.save(dpath, np.zeros(n_batches, dtype=bool))
+            _write_json_atomic(header, os.path.join(path, 'header.json'))
+    if world_size > 1:
+        barrier()
+    if rank != 0:
+        _refuse_other_vae(path, _read_header(path), fingerprint)
+
+    moments = np.load(mpath, mmap_mode='r+')               # (N, 2, 2C, h, w)
+    done = np.load(dpath, mmap_mode='r+')                  # (n_batches,)
+    pending = [b for b in range(n_batches) if b % world_size == rank and not done[b]]
+    if max_batches is not None:
+        pending = pending[:max_batches]
+    if rank == 0:
+        print(f"[latent cache] {path}: {int(done.sum())}/{n_batches} batches done, this rank "
+              f"encodes {len(pending)}", flush=True)
+
+    def batches():
+        # yields (batch index, float images (B, 3, H, W) in [-1, 1])
+        if is_array:
+            for b in pending:
+                x = torch.from_numpy(images[b * batch_size:(b + 1) * batch_size])
+                yield b, x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        else:
+            sampler = [list(range(b * batch_size, min(N, (b + 1) * batch_size))) for b in pending]
+            loader = torch.utils.data.DataLoader(images_or_dataset, batch_sampler=sampler,
+                                                 num_workers=num_workers)
+            for b, (x, _) in zip(pending, loader):
+                yield b, x
+
+    vae.eval()
+    t0, n_img = time.time(), 0
+    with torch.no_grad():
+        for k, (b, x) in enumerate(batches()):
+            x = x.to(device)
+            B = x.shape[0]
+            post = vae.encode(torch.cat([x, x.flip(3)]))      # plain and flipped: (2B, ...)
+            m = torch.cat([post.mean, post.logvar], dim=1)    # (2B, 2C, h, w), logvar clamped
+            m = m.reshape(2, B, *m.shape[1:]).transpose(0, 1)  # (B, 2, 2C, h, w)
+            moments[b * batch_size:b * batch_size + B] = m.float().cpu().numpy()
+            moments.flush()                                   # data on disk before the flag
+            done[b] = True
+            done.flush()
+            n_img += B
+            if rank == 0 and ((k + 1) % log_every == 0 or k + 1 == len(pending)):
+                ips = n_img / max(time.time() - t0, 1e-9)
+                left = (len(pending) - k - 1) * batch_size
+                print(f"[latent cache] batch {k + 1}/{len(pending)}  {ips * world_size:.0f} img/s "
+                      f"(all ranks)  ETA {left / max(ips, 1e-9) / 60:.1f} min", flush=True)
+    del moments, done
+    if world_size > 1:
+        barrier()
+    return len(pending)
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Items: (latent float32 (C, h, w) = scale_factor * posterior sample, label int64).
+
+    For every access the plain or the flipped moments are picked (50/50) and a fresh
+    sample mean + exp(0.5 * logvar) * eps is drawn, with torch's global RNG (so
+    torch.manual_seed and DataLoader worker seeding make it reproducible).
+    """
+
+    def __init__(self, path, vae_fingerprint=None):
+        self.path = path
+        self.header = _read_header(path)
+        if vae_fingerprint is not None:
+            _refuse_other_vae(path, self.header, vae_fingerprint)
+        done = np.load(os.path.join(path, 'done.npy'))
+        if not done.all():
+            raise ValueError(f"the latent cache {path!r} is incomplete ({int(done.sum())}/"
+                             f"{len(done)} batches); run build_latent_cache again to finish it")
+        self.labels = np.load(os.path.join(path, 'labels.npy'))
+        self._moments = None        # opened lazily, so each DataLoader worker maps its own
+
+    @property
+    def scale_factor(self):
+        return float(self.header['scale_factor'])
+
+    @property
+    def latent_shape(self):
+        return tuple(self.header['latent_shape'])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        if self._moments is None:
+            self._moments = np.load(os.path.join(self.path, 'moments.npy'), mmap_mode='r')
+        flip = int(torch.randint(0, 2, ()).item())
+        m = torch.from_numpy(np.array(self._moments[i, flip]))   # (2C, h, w)
+        mean, logvar = m.chunk(2, dim=0)                            # (C, h, w) each
+        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape)
+        return (z * self.scale_factor).float(), torch.tensor(self.labels[i], dtype=torch.int64)
