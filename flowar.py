@@ -1,0 +1,825 @@
+"""
+FlowAR: scale-wise autoregressive image generation meets flow matching.
+(Ren et al., ICML 2025, arXiv:2412.15205), in one file of plain PyTorch.
+
+Read this file next to Section 3.2 of the paper. The pieces, top to bottom:
+
+    Eq. 5   build_scale_pyramid      latent F -> token maps s^1..s^n (area downsampling)
+    Eq. 6   upsample_to_next         Up(s^i) used as the input for scale i+1
+            block_causal_mask        scale i sees scales <= i
+            RoPE2D, Attention, ARBlock, FlowAR.transformer   the causal scale Transformer T
+    Eq. 7/8 FlowAR.forward           interpolation F_t and velocity target V_t
+    Eq. 9   FlowAR.forward           per-scale flow-matching loss
+    Eq. 10  SpatialAdaLNBlock        Spatial-adaLN: six modulation tensors per *position*
+            CrossAttnBlock           the Attn-CrossAttn-MLP head block of the released L/H models
+            FlowHead                 the flow-matching model FM(F_t, s-hat, t)
+            euler_time_grid, FlowAR.sample   inference: AR step + Euler integration per scale
+
+The released code (Dec 2024) differs from the paper in a few places. Each is marked with
+"RELEASED vs PAPER" where it happens; this file follows the released code wherever the
+released checkpoints depend on it, so that `load_official_state_dict` gives the authors'
+models. The main one: the paper writes F_t = t * s + (1 - t) * F_0 (t = 1 is data), the
+released code writes x_t = (1 - t) * x + t * eps (t = 1 is noise). Same family of paths,
+time reversed, velocity sign flipped.
+
+Shapes: B batch, L total tokens over all scales (341 for scales 1-2-4-8-16), N tokens of
+one scale (h * w), C latent channels (16 for the MAR VAE), D width of the AR Transformer,
+W width of the flow head.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+# ---------------------------------------------------------------------------------------
+# Presets. S, L and H reproduce the released factories exactly (same parameter counts);
+# B is the paper's ~300M size (no released weights); toy is for a CPU run on CIFAR-10
+# latents of a small VAE (4 x 8 x 8).
+# ---------------------------------------------------------------------------------------
+
+_IMAGENET = dict(latent_channels=16, scales=(1, 2, 4, 8, 16), num_classes=1000,
+                 mlp_ratio=4.0, class_dropout=0.1, attn_dropout=0.1, proj_dropout=0.1,
+                 rope_theta=10000.0, grad_checkpointing=False)
+
+PRESETS = {
+    # name: AR width D, AR depth (encoder + decoder stacks), AR heads, flow head depth,
+    # flow head width W, and the head block type ('spatial' = Attn-MLP with Spatial-adaLN
+    # as in the paper; 'cross' = Attn-CrossAttn-MLP of the released L and H models).
+    'toy': dict(latent_channels=4, scales=(1, 2, 4, 8), num_classes=10,
+                ar_dim=192, enc_depth=2, dec_depth=2, ar_heads=3,
+                head_depth=2, head_dim=128, head_block='spatial',
+                mlp_ratio=4.0, class_dropout=0.1, attn_dropout=0.0, proj_dropout=0.0,
+                rope_theta=10000.0, grad_checkpointing=False),
+    'S': dict(_IMAGENET, ar_dim=768, enc_depth=6, dec_depth=6, ar_heads=12,
+              head_depth=2, head_dim=1024, head_block='spatial'),
+    'B': dict(_IMAGENET, ar_dim=1024, enc_depth=6, dec_depth=6, ar_heads=16,
+              head_depth=4, head_dim=1024, head_block='spatial'),
+    'L': dict(_IMAGENET, ar_dim=1024, enc_depth=8, dec_depth=8, ar_heads=16,
+              head_depth=12, head_dim=1024, head_block='cross', grad_checkpointing=True),
+    'H': dict(_IMAGENET, ar_dim=1536, enc_depth=15, dec_depth=15, ar_heads=16,
+              head_depth=12, head_dim=1536, head_block='cross', grad_checkpointing=True),
+}
+
+# Sampling settings of the released evaluation scripts (and tuned ones for the toy).
+SAMPLING_DEFAULTS = {
+    'toy': dict(num_steps=25, cfg=3.0, guidance=0.9),
+    'S': dict(num_steps=25, cfg=4.3, guidance=0.9),
+    'B': dict(num_steps=25, cfg=4.3, guidance=0.9),
+    'L': dict(num_steps=25, cfg=2.4, guidance=0.9),
+    'H': dict(num_steps=50, cfg=2.4, guidance=0.7),
+}
+
+
+def normalize_scales(scales):
+    """(1, 2, 4) or ((1, 1), (2, 3), ...) -> list of (h, w) pairs, checked increasing."""
+    out = []
+    for s in scales:
+        hw = (int(s), int(s)) if isinstance(s, (int, float)) else (int(s[0]), int(s[1]))
+        if hw[0] < 1 or hw[1] < 1:
+            raise ValueError(f"scale sizes must be >= 1, got {s!r} in {scales!r}")
+        out.append(hw)
+    if len(out) < 1:
+        raise ValueError("need at least one scale")
+    for a, b in zip(out, out[1:]):
+        if not (b[0] >= a[0] and b[1] >= a[1] and b != a):
+            raise ValueError(f"scales must grow from one to the next, got {scales!r}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Eq. 5: the scale pyramid, and the Up(.) of Eq. 6
+# ---------------------------------------------------------------------------------------
+
+def build_scale_pyramid(latent, scales):
+    """Eq. 5: S = {s^1, ..., s^n} = {Down(F, 2^(n-1)), ..., Down(F, 1)}.
+
+    Every scale is an area downsampling of the *full* latent F (ground truth at every
+    scale, not a residual as in VAR). Any increasing list of sizes works, including
+    FlexVAR-style lists such as (1, 2, 3, 4, 6, 8) ('area' = adaptive average pooling).
+
+    latent: (B, C, H, W); scales: list of (h, w) with the last one == (H, W).
+    returns: list of n tensors (B, C, h_i, w_i).
+    """
+    scales = normalize_scales(scales)
+    if tuple(latent.shape[-2:]) != scales[-1]:
+        raise ValueError(f"latent is {tuple(latent.shape[-2:])} but the last scale is "
+                         f"{scales[-1]}: the scale list must end at the latent size")
+    return [latent if hw == scales[-1] else F.interpolate(latent, size=hw, mode='area')
+            for hw in scales]
+
+
+def upsample_to_next(s, full_hw, next_hw):
+    """Up(s^i, 2) of Eq. 6, as released: bicubic upsampling of s^i to the full latent
+    size, then area downsampling to the size of scale i+1.
+
+    RELEASED vs PAPER: the paper writes a direct 2x upsampling; the released code goes
+    through the full size (the authors say both work the same). We follow the released
+    code, which the checkpoints were trained with.
+
+    s: (B, C, h_i, w_i) -> (B, C, h_{i+1}, w_{i+1})
+    """
+    x = F.interpolate(s, size=full_hw, mode='bicubic', align_corners=False)
+    return F.interpolate(x, size=next_hw, mode='area')
+
+
+def scale_slices(scales):
+    """Where each scale's tokens sit in the flattened sequence: list of slice objects."""
+    out, start = [], 0
+    for h, w in normalize_scales(scales):
+        out.append(slice(start, start + h * w))
+        start += h * w
+    return out
+
+
+def block_causal_mask(scales):
+    """(L, L) bool, True = may attend. A token of scale i sees every token of scales <= i
+    (bidirectional inside its own scale, causal across scales)."""
+    scale_id = torch.cat([torch.full((h * w,), i) for i, (h, w) in enumerate(normalize_scales(scales))])
+    return scale_id[None, :] <= scale_id[:, None]  # (L, L): row = query, column = key
+
+
+def token_positions(scales):
+    """(L, 2) float coordinates (row, col) of every token, with every scale mapped onto
+    the grid of the finest scale: a scale of height h has rows arange(h) / h * H.
+    These are the positions used by the 2D RoPE (released: `arange(s) / s * 16`)."""
+    scales = normalize_scales(scales)
+    H, W = scales[-1]
+    pos = []
+    for h, w in scales:
+        rows = torch.arange(h, dtype=torch.float64) / h * H
+        cols = torch.arange(w, dtype=torch.float64) / w * W
+        rr, cc = torch.meshgrid(rows, cols, indexing='ij')  # raster (row-major) order
+        pos.append(torch.stack([rr.reshape(-1), cc.reshape(-1)], dim=1))
+    return torch.cat(pos).float()
+
+
+def tokens_from_map(x):
+    """(B, C, h, w) -> (B, h * w, C), raster order."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def map_from_tokens(x, hw):
+    """(B, h * w, C) -> (B, C, h, w)."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], hw[0], hw[1])
+
+
+# ---------------------------------------------------------------------------------------
+# Building blocks shared by the AR Transformer and the flow head
+# ---------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps), optionally times a learned weight. Computed in fp32."""
+
+    def __init__(self, dim, weight=False, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if weight else None
+
+    def forward(self, x):
+        y = x.float()
+        y = (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+        return y if self.weight is None else y * self.weight
+
+
+class RoPE2D(nn.Module):
+    """2D rotary position embedding (axial, as in EVA/FlowAR).
+
+    The head dimension d is split in two halves: the first half is rotated by the row
+    coordinate, the second by the column coordinate. Inside each half, channels are
+    rotated in interleaved pairs (0, 1), (2, 3), ... with frequencies
+    theta^(-2j / (d/2)), j = 0 .. d/4 - 1 (the `freqs` buffer, 16 values for d = 64).
+    """
+
+    def __init__(self, head_dim, theta=10000.0):
+        super().__init__()
+        assert head_dim % 4 == 0, "2D RoPE needs a head dim divisible by 4"
+        half = head_dim // 2
+        freqs = 1.0 / theta ** (torch.arange(0, half, 2).float() / half)  # (d/4,)
+        # Not persistent: it is a constant. The released checkpoints hold it; the loader
+        # checks their copy against this one.
+        self.register_buffer('freqs', freqs, persistent=False)
+
+    def forward(self, x, pos):
+        """x: (B, heads, N, d); pos: (N, 2) (row, col) -> rotated x, same shape."""
+        ang_r = pos[:, 0:1] * self.freqs  # (N, d/4) angles from the row
+        ang_c = pos[:, 1:2] * self.freqs  # (N, d/4) angles from the column
+        ang = torch.cat([ang_r.repeat_interleave(2, -1), ang_c.repeat_interleave(2, -1)], -1)  # (N, d)
+        cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]  # interleaved pairs
+        rotated = torch.stack([-x2, x1], dim=-1).flatten(-2)  # "rotate_half"
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with 2D RoPE, an optional mask and an optional KV cache.
+
+    With a cache (a dict per layer, used at sampling time) the keys/values of the current
+    scale are appended to those of the earlier scales and the queries attend to all of
+    them without a mask: exactly what the block-causal mask allows in the full forward.
+    """
+
+    def __init__(self, dim, heads, qkv_bias, attn_dropout=0.0, proj_dropout=0.0, rope_theta=1e4):
+        super().__init__()
+        assert dim % heads == 0
+        self.heads, self.head_dim = heads, dim // heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_dropout = attn_dropout
+        self.proj_drop = nn.Dropout(proj_dropout)
+        self.rope = RoPE2D(self.head_dim, rope_theta)
+
+    def forward(self, x, pos, mask=None, cache=None):
+        B, N, D = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, h, N, d)
+        q, k = self.rope(q, pos), self.rope(k, pos)
+        if cache is not None:  # sampling: prepend the keys/values of all earlier scales
+            if 'k' in cache:
+                k, v = torch.cat([cache['k'], k], dim=2), torch.cat([cache['v'], v], dim=2)
+            cache['k'], cache['v'] = k, v
+        p = self.attn_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, h, N, d)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, D)))
+
+
+class CrossAttention(nn.Module):
+    """Cross-attention of the released Attn-CrossAttn-MLP head block: queries from the
+    head's tokens, keys/values from the AR semantics of the same scale (same length N,
+    same positions, so the same RoPE is applied to queries and keys)."""
+
+    def __init__(self, dim, cond_dim, heads, rope_theta=1e4):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(cond_dim, 2 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+        self.rope = RoPE2D(self.head_dim, rope_theta)
+
+    def forward(self, x, cond, pos):
+        B, N, W = x.shape
+        q = self.q(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)  # (B, h, N, d)
+        k, v = self.kv(cond).view(B, N, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.rope(q, pos), self.rope(k, pos)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(B, N, W))
+
+
+class GatedMLP(nn.Module):
+    """The gated MLP (timm's SwiGLU layer with a GELU gate, as released):
+    fc2(GELU(fc1_g(x)) * fc1_x(x)), hidden = int(dim * mlp_ratio * 2 / 3)."""
+
+    def __init__(self, dim, mlp_ratio=4.0, dropout=0.0):
+        super().__init__()
+        hidden = int(dim * mlp_ratio * 2 / 3)
+        self.fc1_g = nn.Linear(dim, hidden)
+        self.fc1_x = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1_g(x)) * self.fc1_x(x))))
+
+
+def modulate(x, shift, scale):
+    """adaLN: x * (1 + scale) + shift."""
+    return x * (1 + scale) + shift
+
+
+# ---------------------------------------------------------------------------------------
+# Eq. 6: the causal scale Transformer T
+# ---------------------------------------------------------------------------------------
+
+class ARBlock(nn.Module):
+    """A block of the AR Transformer: pre-norm attention + gated MLP with adaLN from the
+    class embedding (one set of six modulation vectors per sample, broadcast over tokens):
+        x = x + gamma1 * Attn(RMSNorm(x) * (1 + scale1) + shift1)
+        x = x + gamma2 * MLP(RMSNorm(x) * (1 + scale2) + shift2)
+    """
+
+    def __init__(self, dim, heads, mlp_ratio, attn_dropout, proj_dropout, rope_theta):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)  # no affine weight: adaLN provides scale and shift
+        self.attn = Attention(dim, heads, qkv_bias=True, attn_dropout=attn_dropout,
+                              proj_dropout=proj_dropout, rope_theta=rope_theta)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = GatedMLP(dim, mlp_ratio, proj_dropout)
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, cond, pos, mask=None, cache=None):
+        # x: (B, N, D); cond: (B, D) class embedding
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond)[:, None].chunk(6, dim=-1)  # 6 x (B, 1, D)
+        x = x + self.attn(modulate(self.norm1(x), shift1, scale1), pos, mask, cache) * gamma1
+        x = x + self.mlp(modulate(self.norm2(x), shift2, scale2)) * gamma2
+        return x
+
+
+# ---------------------------------------------------------------------------------------
+# Eq. 7-10: the flow-matching head FM(F_t, s-hat, t) with Spatial-adaLN
+# ---------------------------------------------------------------------------------------
+
+def timestep_embedding(t, dim=256, max_period=10000):
+    """Sinusoidal embedding [cos, sin] of (integer) time steps t: (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> (B, W).
+
+    RELEASED vs PAPER: the paper treats t as continuous; the released code embeds the
+    integer step int(t * 1000) (truncation), which we follow for checkpoint fidelity.
+    """
+
+    def __init__(self, width, freq_dim=256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding((t * 1000).long(), self.freq_dim))
+
+
+class SpatialAdaLNBlock(nn.Module):
+    """Eq. 10, the paper's head block (used by FlowAR-S):
+
+        alpha1, alpha2, beta1, beta2, gamma1, gamma2 = MLP(s-hat^i + t)     (per position!)
+        F'  = F  + Attn(gamma1 * LN(F)  + beta1) * alpha1
+        F'' = F' + MLP (gamma2 * LN(F') + beta2) * alpha2
+
+    Unlike ordinary adaLN, `c` (the projected semantics) has one vector per token, so
+    every modulation tensor is (B, N, W): the semantics steer each position separately.
+    In code: gamma = gate (alpha in the paper), scale = gamma in the paper, shift = beta.
+    The paper writes gamma * LN(x); the released code writes LN(x) * (1 + scale), i.e. the
+    scale is parameterised around 1. We follow the released code.
+    """
+
+    def __init__(self, width, heads, mlp_ratio=4.0, rope_theta=1e4):
+        super().__init__()
+        self.norm1 = RMSNorm(width)
+        self.attn = Attention(width, heads, qkv_bias=False, rope_theta=rope_theta)
+        self.norm2 = RMSNorm(width)
+        self.mlp = GatedMLP(width, mlp_ratio)
+        self.ada_lin = nn.Linear(width, 6 * width)
+
+    def modulation(self, t_emb, c):
+        """t_emb: (B, 1, W), c: (B, N, W) -> six (B, N, W) tensors (Eq. 10, first line)."""
+        return self.ada_lin(F.silu(t_emb + c)).chunk(6, dim=-1)
+
+    def forward(self, x, t_emb, c, semantics, pos):
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(t_emb, c)
+        x = x + self.attn(modulate(self.norm1(x), shift1, scale1), pos) * gamma1
+        x = x + self.mlp(modulate(self.norm2(x), shift2, scale2)) * gamma2
+        return x
+
+
+class CrossAttnBlock(nn.Module):
+    """The released Attn-CrossAttn-MLP head block (FlowAR-L and -H; not in the paper's
+    text, the authors' README says both blocks perform alike):
+
+        x = x + gamma1 * Attn(RMSNorm(x) * (1 + scale1) + shift1)      (scale1.. from t only)
+        x = x + CrossAttn(RMSNorm_w(x), RMSNorm_w(semantics))           (no gate)
+        x = x + gamma2 * MLP(RMSNorm(x) * (1 + scale2) + shift2)       (per position, from c + t)
+    """
+
+    def __init__(self, width, cond_dim, heads, mlp_ratio=4.0, rope_theta=1e4):
+        super().__init__()
+        self.norm1 = RMSNorm(width)
+        self.attn = Attention(width, heads, qkv_bias=False, rope_theta=rope_theta)
+        self.crossattn = CrossAttention(width, cond_dim, heads, rope_theta)
+        self.norm2_1 = RMSNorm(width, weight=True)
+        self.norm2_2 = RMSNorm(cond_dim, weight=True)
+        self.norm3 = RMSNorm(width)
+        self.mlp = GatedMLP(width, mlp_ratio)
+        self.ada_lin_attn = nn.Linear(width, 3 * width)
+        self.ada_lin_mlp = nn.Linear(width, 3 * width)
+
+    def forward(self, x, t_emb, c, semantics, pos):
+        gamma1, scale1, shift1 = self.ada_lin_attn(F.silu(t_emb)).chunk(3, dim=-1)    # 3 x (B, 1, W)
+        gamma2, scale2, shift2 = self.ada_lin_mlp(F.silu(c + t_emb)).chunk(3, dim=-1)  # 3 x (B, N, W)
+        x = x + self.attn(modulate(self.norm1(x), shift1, scale1), pos) * gamma1
+        x = x + self.crossattn(self.norm2_1(x), self.norm2_2(semantics), pos)
+        x = x + self.mlp(modulate(self.norm3(x), shift2, scale2)) * gamma2
+        return x
+
+
+class FinalLayer(nn.Module):
+    """Per-position adaLN (shift, scale from c + t) then Linear(W -> C)."""
+
+    def __init__(self, width, out_channels):
+        super().__init__()
+        self.norm_final = RMSNorm(width)
+        self.linear = nn.Linear(width, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class FlowHead(nn.Module):
+    """FM(F_t^i, s-hat^i, t): a small Transformer over the N tokens of *one* scale that
+    predicts the velocity of every token, conditioned position by position on the AR
+    semantics s-hat^i (same length N as the tokens: the paper's point in Sec. 3.2)."""
+
+    def __init__(self, in_channels, width, depth, cond_dim, block='spatial', mlp_ratio=4.0, rope_theta=1e4):
+        super().__init__()
+        heads = width // 64  # released: head dim 64
+        self.time_embed = TimestepEmbedder(width)
+        self.cond_embed = nn.Linear(cond_dim, width)    # per-position Linear(D -> W) of s-hat
+        self.input_proj = nn.Linear(in_channels, width)
+        if block == 'spatial':
+            blocks = [SpatialAdaLNBlock(width, heads, mlp_ratio, rope_theta) for _ in range(depth)]
+        elif block == 'cross':
+            blocks = [CrossAttnBlock(width, cond_dim, heads, mlp_ratio, rope_theta) for _ in range(depth)]
+        else:
+            raise ValueError(f"head_block must be 'spatial' or 'cross', got {block!r}")
+        self.res_blocks = nn.ModuleList(blocks)
+        self.final_layer = FinalLayer(width, in_channels)
+
+    def forward(self, x, t, semantics, pos):
+        """x: (B, N, C) noisy tokens F_t; t: (B,) in [0, 1]; semantics: (B, N, D);
+        pos: (N, 2) RoPE coordinates -> predicted velocity (B, N, C)."""
+        x = self.input_proj(x)                    # (B, N, W)
+        t_emb = self.time_embed(t)[:, None]       # (B, 1, W)
+        c = self.cond_embed(semantics)            # (B, N, W)
+        for block in self.res_blocks:
+            x = block(x, t_emb, c, semantics, pos)
+        return self.final_layer(x, c + t_emb)     # (B, N, C)
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling helpers: the time grid, the Euler integrator, the CFG schedule
+# ---------------------------------------------------------------------------------------
+
+def euler_time_grid(num_steps, dtype=torch.float64, device=None):
+    """The released time grid, from t = 1 (noise) down to t = 0 (data).
+
+    50 steps: uniform, linspace(1, 0, 51). Any other count: two pieces,
+    linspace(1, 0.3, n // 2) then linspace(0.25, 0, n // 2 + 1): coarse early steps, fine
+    late ones (for n = 25 that is 25 points, 24 Euler steps, as released).
+    """
+    if num_steps < 2:
+        raise ValueError(f"num_steps must be >= 2, got {num_steps}")
+    if num_steps == 50:
+        return torch.linspace(1, 0, num_steps + 1, dtype=dtype, device=device)
+    n = num_steps // 2
+    return torch.cat([torch.linspace(1, 0.3, n, dtype=dtype, device=device),
+                      torch.linspace(0.25, 0, n + 1, dtype=dtype, device=device)])
+
+
+def euler_integrate(velocity, x, ts):
+    """Integrate dx/dt = velocity(x, t) along the grid ts (decreasing, 1 -> 0) with Euler
+    steps x <- x + (t_{j+1} - t_j) * v(x, t_j). x is kept in float64 (as released).
+    velocity(x, t) receives x in float64 and a python float t and returns a tensor."""
+    x = x.double()
+    for j in range(len(ts) - 1):
+        t, t_next = float(ts[j]), float(ts[j + 1])
+        x = x + (t_next - t) * velocity(x, t).double()
+    return x
+
+
+def cfg_schedule(num_scales, cfg):
+    """CFG weight per scale, rising linearly from 1 at the first scale to `cfg` at the last
+    (released; the paper does not describe it)."""
+    if num_scales == 1:
+        return [float(cfg)]
+    return [1.0 + (cfg - 1.0) * i / (num_scales - 1) for i in range(num_scales)]
+
+
+# ---------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------
+
+class FlowAR(nn.Module):
+    """Causal scale Transformer (Eq. 6) + flow-matching head (Eq. 7-10).
+
+    Attribute names equal the released model's state-dict keys (encoder_blocks,
+    flownet.res_blocks, ...), so the released checkpoints load with an identity mapping.
+    """
+
+    def __init__(self, latent_channels=16, scales=(1, 2, 4, 8, 16), num_classes=1000,
+                 ar_dim=768, enc_depth=6, dec_depth=6, ar_heads=12,
+                 head_depth=2, head_dim=1024, head_block='spatial', mlp_ratio=4.0,
+                 class_dropout=0.1, attn_dropout=0.1, proj_dropout=0.1, rope_theta=10000.0,
+                 grad_checkpointing=False):
+        super().__init__()
+        scales_hw = normalize_scales(scales)
+        if head_dim % 64:
+            raise ValueError(f"head_dim must be a multiple of 64 (head dim 64), got {head_dim}")
+        if ar_dim % ar_heads or (ar_dim // ar_heads) % 4:
+            raise ValueError(f"ar_dim {ar_dim} / ar_heads {ar_heads} must give a head dim divisible by 4")
+        # A plain dict of python values: goes into checkpoints (weights_only-safe).
+        self.config = dict(latent_channels=latent_channels, scales=[list(s) for s in scales_hw],
+                           num_classes=num_classes, ar_dim=ar_dim, enc_depth=enc_depth,
+                           dec_depth=dec_depth, ar_heads=ar_heads, head_depth=head_depth,
+                           head_dim=head_dim, head_block=head_block, mlp_ratio=mlp_ratio,
+                           class_dropout=class_dropout, attn_dropout=attn_dropout,
+                           proj_dropout=proj_dropout, rope_theta=rope_theta,
+                           grad_checkpointing=grad_checkpointing)
+        self.scales = scales_hw
+        self.latent_channels = latent_channels
+        self.num_classes = num_classes
+        self.class_dropout = class_dropout
+        self.grad_checkpointing = grad_checkpointing
+        self.slices = scale_slices(scales_hw)
+        L = self.slices[-1].stop  # 341 for 1-2-4-8-16
+        self.seq_len = L
+        D = ar_dim
+
+        # Class embedding C; row `num_classes` is the null class used for CFG.
+        self.class_emb = nn.Embedding(num_classes + 1, D)
+        # Input projection of the upsampled latent tokens, then RMSNorm (with weight).
+        self.z_proj = nn.Linear(latent_channels, D)
+        self.z_proj_ln = RMSNorm(D, weight=True)
+        # Three learned absolute position embeddings (released), plus RoPE in attention.
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, L, D))
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, L, D))
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, L, D))
+        # Two stacks with the same block-causal mask ("encoder" + "decoder", released).
+        block = lambda: ARBlock(D, ar_heads, mlp_ratio, attn_dropout, proj_dropout, rope_theta)
+        self.encoder_blocks = nn.ModuleList([block() for _ in range(enc_depth)])
+        self.encoder_norm = RMSNorm(D, weight=True)
+        self.decoder_embed = nn.Linear(D, D)
+        self.decoder_blocks = nn.ModuleList([block() for _ in range(dec_depth)])
+        self.decoder_norm = RMSNorm(D, weight=True)
+        # The flow-matching head, shared by all scales.
+        self.flownet = FlowHead(latent_channels, head_dim, head_depth, D, head_block, mlp_ratio, rope_theta)
+
+        self.register_buffer('attn_mask', block_causal_mask(scales_hw), persistent=False)  # (L, L)
+        self.register_buffer('positions', token_positions(scales_hw), persistent=False)    # (L, 2)
+        self.initialize_weights()
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        if name not in PRESETS:
+            raise ValueError(f"unknown FlowAR preset {name!r}; choose one of {sorted(PRESETS)}")
+        cfg = dict(PRESETS[name])
+        unknown = set(overrides) - set(cfg)
+        if unknown:
+            raise ValueError(f"unknown FlowAR config field(s) {sorted(unknown)}; valid: {sorted(cfg)}")
+        cfg.update(overrides)
+        return cls(**cfg)
+
+    def initialize_weights(self):
+        """Released initialisation: every Linear xavier-uniform with zero bias (the head's
+        final layer and the adaLN gates included: nothing is zero-initialised, unlike DiT),
+        position and class embeddings N(0, 0.02)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for p in (self.encoder_pos_embed_learned, self.decoder_pos_embed_learned,
+                  self.diffusion_pos_embed_learned, self.class_emb.weight):
+            nn.init.normal_(p, std=0.02)
+
+    # ---- Eq. 6: T([C, Up(s^1), ..., Up(s^{n-1})]) ------------------------------------
+
+    def ar_input_tokens(self, maps, labels):
+        """Embeds the AR input sequence for the scales [0, len(maps) + 1).
+
+        maps: ground-truth or generated token maps s^1..s^m (list of (B, C, h_i, w_i));
+        labels: (B,) class ids (num_classes = null class).
+        returns (B, L', D): the class token(s) of scale 1, then z_proj(Up(s^i)) for
+        i = 1..m, each upsampled to the size of scale i+1.
+        """
+        B = labels.shape[0]
+        n1 = self.slices[0].stop
+        parts = [self.class_emb(labels)[:, None].expand(B, n1, -1)]  # (B, n1, D): C
+        for i, s in enumerate(maps):
+            up = upsample_to_next(s, self.scales[-1], self.scales[i + 1])  # (B, C, h_{i+1}, w_{i+1})
+            parts.append(self.z_proj(tokens_from_map(up)))                 # (B, N_{i+1}, D)
+        return torch.cat(parts, dim=1)
+
+    def transformer(self, x, labels, start=0, caches=None):
+        """The causal scale Transformer T. x: (B, N, D) embedded inputs of the token
+        positions [start, start + N). Without caches the whole prefix must be given
+        (start = 0) and the block-causal mask is applied; with caches (one dict per
+        block, sampling) x holds just the next scale and attends to the cached keys.
+        returns the semantics s-hat of those positions, (B, N, D)."""
+        N = x.shape[1]
+        idx = slice(start, start + N)
+        pos = self.positions[idx]
+        mask = None if caches is not None else self.attn_mask[idx, idx]
+        cond = self.class_emb(labels)  # (B, D): adaLN condition of every AR block
+        blocks = list(self.encoder_blocks) + list(self.decoder_blocks)
+        x = self.z_proj_ln(x + self.encoder_pos_embed_learned[:, idx])
+        for i, blk in enumerate(blocks):
+            if i == len(self.encoder_blocks):  # between the two stacks
+                x = self.decoder_embed(self.encoder_norm(x)) + self.decoder_pos_embed_learned[:, idx]
+            cache = None if caches is None else caches[i]
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, cond, pos, mask, cache, use_reentrant=False)
+            else:
+                x = blk(x, cond, pos, mask, cache)
+        return self.decoder_norm(x) + self.diffusion_pos_embed_learned[:, idx]  # s-hat
+
+    def semantics(self, maps, labels):
+        """Teacher-forced semantics of every scale: T([C, Up(s^1), ..., Up(s^{n-1})]).
+        maps: the n token maps; returns (B, L, D)."""
+        return self.transformer(self.ar_input_tokens(maps[:-1], labels), labels)
+
+    # ---- Eq. 7-9: the training loss -----------------------------------------------------
+
+    def forward(self, latents, labels, noise=None, t=None, drop_labels=None):
+        """Flow-matching loss of Eq. 9 summed over scales with the released weights.
+
+        latents: (B, C, H, W) VAE latents (already multiplied by the VAE scale factor);
+        labels: (B,) ints in [0, num_classes); noise: optional list of per-scale Gaussian
+        noise (B, C, h_i, w_i); t: optional (B, n) times in [0, 1] (one per sample and
+        scale); drop_labels: replace labels by the null class with prob. class_dropout
+        (default: in training mode).
+        returns (loss, per_scale_losses (n,)): per-scale losses are unweighted, detached.
+        """
+        B, n = latents.shape[0], len(self.scales)
+        if drop_labels is None:
+            drop_labels = self.training
+        if drop_labels and self.class_dropout > 0:  # for classifier-free guidance
+            drop = torch.rand(B, device=labels.device) < self.class_dropout
+            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        maps = build_scale_pyramid(latents, self.scales)   # Eq. 5: n x (B, C, h_i, w_i)
+        s_hat = self.semantics(maps, labels)               # Eq. 6: (B, L, D)
+        if t is None:
+            t = torch.rand(B, n, device=latents.device)
+        total, per_scale = 0.0, []
+        H, W = self.scales[-1]
+        for i, (s, sl) in enumerate(zip(maps, self.slices)):
+            x = tokens_from_map(s)                                     # (B, N, C): s^i
+            eps = torch.randn_like(x) if noise is None else tokens_from_map(noise[i])  # F_0^i
+            ti = t[:, i].to(x.dtype)[:, None, None]                    # (B, 1, 1)
+            # Eq. 7. RELEASED vs PAPER: the paper writes F_t = t * s + (1 - t) * F_0 and
+            # the velocity s - F_0 (Eq. 8); the released code uses t' = 1 - t, i.e.
+            #   x_t = (1 - t) * s + t * eps,   target = d x_t / d t = eps - s,
+            # so t = 1 is pure noise. We follow the released code (checkpoints need it).
+            x_t = (1 - ti) * x + ti * eps
+            target = eps - x                                           # Eq. 8 (released sign)
+            v = self.flownet(x_t, t[:, i], s_hat[:, sl], self.positions[sl])  # FM(F_t, s-hat^i, t)
+            loss_i = ((v.float() - target.float()) ** 2).mean(dim=(1, 2)).mean()  # per sample, then batch
+            # Eq. 9 sums the scales; RELEASED: each scale weighted by its token share
+            # h_i * w_i / (H * W) (s^2 / 16^2), so the 1x1 scale does not dominate.
+            total = total + loss_i * (s.shape[-2] * s.shape[-1]) / (H * W)
+            per_scale.append(loss_i.detach())
+        return total, torch.stack(per_scale)
+
+    # ---- Inference ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, labels=None, num_steps=25, cfg=1.0, guidance=1.0, generator=None,
+               batch_size=None, return_details=False):
+        """Generate latents scale by scale (Sec. 3.2, "Inference Pipeline").
+
+        For every scale i: one AR step with the KV cache gives s-hat^i; the head moves
+        Gaussian noise (t = 1) to the token map s^i (t = 0) with Euler steps on the
+        released time grid; Up(s^i) is the AR input of the next scale.
+
+        labels: (B,) class ids, or None for unconditional samples (null class; then
+        batch_size is needed and cfg must be 1). cfg: classifier-free guidance weight at
+        the last scale (1 = no guidance); the weight rises linearly from 1 at the first
+        scale. guidance: guidance is applied only while t <= guidance (the interval).
+        generator: a torch.Generator for reproducible noise.
+        returns latents (B, C, H, W) (in the scaled latent space of training), and with
+        return_details also a dict with 'maps' (list of s^i) and 'semantics' (list of
+        conditional s-hat^i, (B, N_i, D)).
+        """
+        device = self.class_emb.weight.device
+        dtype = self.class_emb.weight.dtype
+        if labels is None:
+            if batch_size is None:
+                raise ValueError("unconditional sampling needs batch_size (labels=None)")
+            if cfg != 1.0:
+                raise ValueError("classifier-free guidance needs class labels; use cfg=1 "
+                                 "for unconditional samples")
+            labels = torch.full((batch_size,), self.num_classes, dtype=torch.long, device=device)
+        labels = labels.to(device)
+        if labels.numel() and (labels.min() < 0 or labels.max() > self.num_classes):
+            raise ValueError(f"class ids must be in [0, {self.num_classes}] "
+                             f"({self.num_classes} = null class), got {labels.tolist()}")
+        B = labels.shape[0]
+        use_cfg = cfg != 1.0
+        if use_cfg:  # batch = [conditional; unconditional]
+            labels_in = torch.cat([labels, torch.full_like(labels, self.num_classes)])
+        else:
+            labels_in = labels
+        weights = cfg_schedule(len(self.scales), cfg)
+        ts = euler_time_grid(num_steps, device=device)
+        caches = [dict() for _ in range(len(self.encoder_blocks) + len(self.decoder_blocks))]
+        maps, sems = [], []
+        gen_device = generator.device if generator is not None else device
+
+        for i, (hw, sl) in enumerate(zip(self.scales, self.slices)):
+            # AR step: input of scale i is C (i = 0) or Up(s^{i-1}) of the generated map.
+            if i == 0:
+                n1 = sl.stop
+                x_in = self.class_emb(labels_in)[:, None].expand(-1, n1, -1)          # (B', n1, D)
+            else:
+                prev = maps[-1] if not use_cfg else torch.cat([maps[-1], maps[-1]])  # cond map to both halves
+                up = upsample_to_next(prev.to(dtype), self.scales[-1], hw)
+                x_in = self.z_proj(tokens_from_map(up))                              # (B', N_i, D)
+            s_hat = self.transformer(x_in, labels_in, start=sl.start, caches=caches)  # (B', N_i, D)
+            sems.append(s_hat[:B])
+            pos = self.positions[sl]
+            N = sl.stop - sl.start
+
+            # Flow matching: Euler from noise (t = 1) to data (t = 0), shared noise for
+            # the conditional and unconditional halves.
+            noise = torch.randn(B, N, self.latent_channels, generator=generator,
+                                device=gen_device, dtype=torch.float64).to(device)
+            w_i = weights[i]
+
+            def velocity(x, t):
+                xb = x.to(dtype)
+                tb = torch.full((xb.shape[0],), t, device=device, dtype=dtype)
+                v = self.flownet(xb, tb, s_hat, pos)
+                if use_cfg and t <= guidance:  # guidance interval (released)
+                    v_c, v_u = v.chunk(2)
+                    v_g = v_u + w_i * (v_c - v_u)
+                    v = torch.cat([v_g, v_g])
+                return v
+
+            x0 = noise if not use_cfg else torch.cat([noise, noise])
+            x = euler_integrate(velocity, x0, ts)                          # (B', N_i, C) float64
+            maps.append(map_from_tokens(x[:B].to(dtype), hw))              # only the conditional half goes on
+
+        out = maps[-1]
+        if return_details:
+            return out, dict(maps=maps, semantics=sems)
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# Released checkpoints
+# ---------------------------------------------------------------------------------------
+
+# Released key -> key in this model. This project uses the released module names, so the
+# mapping of parameters is the identity; the released files also hold two kinds of
+# constant buffers that this model recomputes instead of storing (they are checked, not
+# loaded): the (1, 1, L, L) attention mask and every attention layer's `rope.freqs`.
+OFFICIAL_KEY_MAP = {}            # no renamed parameters
+OFFICIAL_CHECKED_BUFFERS = ('mask', '.rope.freqs')
+
+
+def unwrap_official_checkpoint(obj, prefer_ema=True):
+    """The released .pth files are {'model': sd, 'model_ema': sd, ...} (MAR style); accept
+    that, or a bare state dict. Returns the state dict (EMA weights when present)."""
+    if isinstance(obj, dict) and ('model' in obj or 'model_ema' in obj):
+        key = 'model_ema' if prefer_ema and 'model_ema' in obj else 'model'
+        return obj[key]
+    return obj
+
+
+def load_official_state_dict(model, state_dict):
+    """Load a released FlowAR-S/L/H state dict into `model`, strictly.
+
+    Every released key must be used and every shape must match; otherwise a ValueError
+    lists the missing, unexpected and mis-shaped keys. The constant buffers (mask,
+    rope.freqs) are compared with this model's own values.
+    """
+    sd = {OFFICIAL_KEY_MAP.get(k, k): v for k, v in unwrap_official_checkpoint(state_dict).items()}
+    if sd and all(k.startswith('module.') for k in sd):  # saved from a DDP wrapper
+        sd = {k[len('module.'):]: v for k, v in sd.items()}
+    own = model.state_dict()
+    problems = []
+    params = {}
+    for k, v in sd.items():
+        if k == 'mask':  # (1, 1, L, L): check the block-causal pattern (bool or additive)
+            expect = model.attn_mask
+            if tuple(v.shape) != (1, 1) + tuple(expect.shape):
+                problems.append(f"  shape  {k}: checkpoint {tuple(v.shape)}, model (1, 1, {expect.shape[0]}, {expect.shape[1]})")
+            else:
+                m = v[0, 0].cpu()
+                allowed = m if m.dtype == torch.bool else (m == 0)
+                if not (torch.equal(allowed, expect.cpu()) or torch.equal(~allowed, expect.cpu())):
+                    problems.append(f"  value  {k}: the checkpoint's attention mask is not the block-causal mask of scales {model.scales}")
+        elif k.endswith('.rope.freqs'):
+            try:
+                mod = model.get_submodule(k[: -len('.freqs')])
+            except AttributeError:
+                problems.append(f"  unexpected key {k} {tuple(v.shape)}")
+                continue
+            if tuple(v.shape) != tuple(mod.freqs.shape):
+                problems.append(f"  shape  {k}: checkpoint {tuple(v.shape)}, model {tuple(mod.freqs.shape)}")
+            elif not torch.allclose(v.float().cpu(), mod.freqs.float().cpu(), rtol=1e-5, atol=0):
+                problems.append(f"  value  {k}: RoPE frequencies differ from this model's")
+        elif k not in own:
+            problems.append(f"  unexpected key {k} {tuple(v.shape)}")
+        elif tuple(v.shape) != tuple(own[k].shape):
+            problems.append(f"  shape  {k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}")
+        else:
+            params[k] = v
+    for k in own:
+        if k not in sd:
+            problems.append(f"  missing key {k} {tuple(own[k].shape)}")
+    if problems:
+        raise ValueError("the state dict does not match this FlowAR model "
+                         f"(config {model.config['ar_dim']}d/{model.config['enc_depth']}+"
+                         f"{model.config['dec_depth']}, head {model.config['head_depth']}x"
+                         f"{model.config['head_dim']} {model.config['head_block']}); is it the "
+                         "right preset (--model S|L|H)?\n" + "\n".join(problems[:40])
+                         + (f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else ""))
+    model.load_state_dict(params, strict=True)
+    return model
