@@ -458,11 +458,12 @@ def _to_uint8(x):
     return x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
-def _lr_at(step, steps, lr, warmup):
-    # linear warm-up, then cosine decay to 10% of lr at the last step
+def _lr_at(step, steps, lr, warmup, time_frac=0.0):
+    # linear warm-up, then cosine decay to 10% of lr at the end; the end is the last step
+    # or, with a time budget, the end of the budget (time_frac = elapsed / budget)
     if step < warmup:
         return lr * (step + 1) / warmup
-    p = (step - warmup) / max(1, steps - warmup)
+    p = max((step - warmup) / max(1, steps - warmup), time_frac)
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
 
 
@@ -527,14 +528,17 @@ def train_state_path(out_path):
 
 def train_vae(images, out_path, *, steps=3000, batch_size=64, lr=2e-3, device='cpu',
               log_every=100, time_budget_s=None, seed=0, resume=True, preset='cifar',
-              loss='l1', kl_weight=1e-6, ckpt_every=500, config=None):
+              loss='l1', kl_weight=1e-6, ckpt_every=500, config=None, stop_at_step=None):
     """Train a VAE on uint8 images (N, H, W, 3) and write it with save_vae to out_path.
 
     loss = recon + kl_weight * KL / (number of pixel values), recon = mean |x - x'| ('l1')
     or mean (x - x')^2 ('mse'); i.e. kl_weight is the weight of the KL per image element,
     as in LDM (1e-6). Random horizontal flips. Adam, warm-up then cosine lr.
-    Training stops after `steps` steps or once time_budget_s seconds of training have
-    passed in this call. The training state (model, optimizer, step, RNG) is saved every
+    Training stops after `steps` steps, or once time_budget_s seconds of training have
+    passed in this call, or after step stop_at_step (a deterministic interruption, for
+    chunked runs and tests). With a time budget the cosine schedule is driven by
+    max(step / steps, elapsed / time_budget_s), so the lr is annealed when the budget runs
+    out even if `steps` was set too high. The training state (model, optimizer, step, RNG) is saved every
     ckpt_every steps and at the end to train_state_path(out_path); with resume=True a later
     call continues from it. Finally the latent scale factor is measured and the model
     saved with save_vae(out_path, ...). Returns out_path.
@@ -585,8 +589,12 @@ def train_vae(images, out_path, *, steps=3000, batch_size=64, lr=2e-3, device='c
         if time_budget_s is not None and step > start_step and time.time() - t0 >= time_budget_s:
             print(f"[vae] time budget of {time_budget_s:.0f}s reached at step {step}")
             break
+        if stop_at_step is not None and step >= stop_at_step:
+            print(f"[vae] stopping at step {step} (stop_at_step)")
+            break
+        time_frac = (time.time() - t0) / max(time_budget_s, 1e-9) if time_budget_s is not None else 0.0
         for group in opt.param_groups:
-            group['lr'] = _lr_at(step, steps, lr, warmup)
+            group['lr'] = _lr_at(step, steps, lr, warmup, time_frac)
         idx = torch.randint(len(images_t), (batch_size,), generator=data_gen)
         flip = torch.rand(batch_size, generator=data_gen) < 0.5
         x = _to_float(images_t[idx])                                 # (B, 3, H, W)
@@ -634,20 +642,22 @@ def train_vae(images, out_path, *, steps=3000, batch_size=64, lr=2e-3, device='c
 def main():
     p = argparse.ArgumentParser(description="Train the small 'cifar' VAE (32x32 -> 4x8x8).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--dataset', choices=['cifar10', 'shapes'], default='cifar10')
+    p.add_argument('--dataset', choices=['cifar10', 'shapes'], default='cifar10', help='training images')
     p.add_argument('--data-dir', default='data', help="folder holding cifar-10-batches-py/ "
                    "or cifar-10-python.tar.gz (downloaded there if neither exists)")
     p.add_argument('--out', default='out/vae', help='writes OUT/vae.pt and OUT/vae_recon.png')
-    p.add_argument('--steps', type=int, default=3000)
-    p.add_argument('--batch-size', type=int, default=64)
-    p.add_argument('--lr', type=float, default=2e-3)
-    p.add_argument('--loss', choices=['l1', 'mse'], default='l1')
-    p.add_argument('--kl-weight', type=float, default=1e-6)
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--steps', type=int, default=3000, help='training steps')
+    p.add_argument('--batch-size', type=int, default=64, help='images per step')
+    p.add_argument('--lr', type=float, default=2e-3, help='peak Adam lr (warm-up, then cosine to 10%%)')
+    p.add_argument('--loss', choices=['l1', 'mse'], default='l1', help='pixel reconstruction loss')
+    p.add_argument('--kl-weight', type=float, default=1e-6, help='weight of the KL per pixel value')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='cpu or cuda')
     p.add_argument('--time-budget', type=float, default=None,
-                   help='stop training after this many seconds (then evaluate and save)')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--log-every', type=int, default=100)
+                   help='stop training after this many seconds (then evaluate and save); the '
+                   'cosine lr schedule then ends with the budget')
+    p.add_argument('--seed', type=int, default=0, help='seed of init, batches and noise')
+    p.add_argument('--log-every', type=int, default=100, help='steps between progress lines')
     p.add_argument('--no-resume', action='store_true', help='ignore an existing training state')
     args = p.parse_args()
 
