@@ -1,0 +1,547 @@
+"""
+Sample images from a trained FlowAR: a PNG grid to look at, or an .npz set for FID / IS.
+
+    # a grid, one row per class (EMA weights, the preset's sampling settings)
+    python sample.py --ckpt out/cifar-toy/ckpt.pt
+    python sample.py --ckpt out/cifar-toy/ckpt.pt --classes 3,5 --per-class 16 --seed 1
+
+    # coarse-to-fine: every scale's token map decoded, one column per scale
+    python sample.py --ckpt out/cifar-toy/ckpt.pt --show-scales
+
+    # the authors' released weights with MAR's KL-16 VAE
+    python sample.py --official flowar_small.pth --model S --vae kl16.ckpt --classes 1,207,360
+
+    # 50,000 class-balanced images for the evaluators (one GPU, or several with torchrun)
+    python sample.py --official flowar_small.pth --model S --vae kl16.ckpt \\
+        --num-images 50000 --npz flowar_s.npz
+    torchrun --nproc_per_node=8 sample.py --official ... --num-images 50000 --npz flowar_s.npz
+
+    # the same on a CPU
+    python sample.py --ckpt out/cifar-toy/ckpt.pt --device cpu --num-images 1000 --npz toy.npz
+
+How noise is assigned (the reproducibility contract)
+----------------------------------------------------
+The images to make are numbered 0..N-1 and cut into *chunks* of --batch-size consecutive
+images (the last chunk may be shorter). Chunk c is sampled as one batch with its own
+generator, seeded with `seed * 1_000_003 + c` (a CPU generator, so the noise is the same on
+a CPU and a GPU). Chunks are dealt out to ranks round-robin. So the noise and the label of
+image i depend on (seed, batch size, i) only, never on the number of ranks or on which rank
+made it: with the same --seed and --batch-size the .npz is the same byte for byte for 1 or
+8 ranks, and for a run that was interrupted and resumed (on the same kind of device; the
+model's arithmetic is deterministic for a given batch, but a different batch size regroups
+the noise and gives a different, equally valid, set). Grids use the same scheme.
+
+Resuming: every chunk is written to `OUT.npz.parts/chunk_000012.npy` (atomically: a
+temporary file, then a rename) as soon as it is done. Running the same command again skips
+the chunks already on disk. When all chunks are there, rank 0 writes the .npz (streamed,
+so 50,000 ImageNet images never sit in memory at once) and removes the parts folder.
+
+Only torch, numpy and pillow are used.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+import zipfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+from flowar import FlowAR, SAMPLING_DEFAULTS, load_official_state_dict
+from vae import load_vae
+
+# Class names for the small datasets (the grid log prints them); ImageNet shows ids.
+try:
+    from data import CIFAR10_CLASSES, SHAPES_CLASSES
+    CLASS_NAMES = {'cifar10': CIFAR10_CLASSES, 'shapes': SHAPES_CLASSES}
+except ImportError as e:  # data.py is part of this repository; say so instead of guessing
+    raise ImportError(f"sample.py needs data.py from this repository next to it ({e})") from e
+
+# Chunk c of a run with seed s draws its noise from a generator seeded with
+# s * SEED_STRIDE + c. SEED_STRIDE is a prime larger than any chunk count we will see, so
+# two (seed, chunk) pairs never share a stream while c < SEED_STRIDE.
+SEED_STRIDE = 1_000_003
+
+
+# ---------------------------------------------------------------------------------------
+# Loading: a training checkpoint (train.py) or a released .pth, and the VAE
+# ---------------------------------------------------------------------------------------
+
+def _state_dict_problems(model, sd):
+    """List of human-readable lines: missing keys, unexpected keys, shape mismatches."""
+    own = model.state_dict()
+    lines = [f"  missing key {k} {tuple(v.shape)}" for k, v in own.items() if k not in sd]
+    lines += [f"  unexpected key {k} {tuple(v.shape)}" for k, v in sd.items() if k not in own]
+    lines += [f"  shape {k}: checkpoint {tuple(sd[k].shape)}, model {tuple(own[k].shape)}"
+              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    return lines
+
+
+def load_model_from_checkpoint(path, use_ema=True, device='cpu'):
+    """A checkpoint written by train.py -> (FlowAR in eval mode on `device`, its 'config').
+
+    The checkpoint is {'model': sd, 'ema': sd, 'config': {'model': <FlowAR config>,
+    'model_preset': ..., 'vae': path, 'vae_scale_factor': float, ...}, ...}. The EMA
+    weights are sampled by default (use_ema=False takes the raw 'model' weights); both are
+    loaded strictly: any missing, unexpected or mis-shaped key is an error.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} not found (train.py writes OUT/ckpt.pt)")
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path!r} is not a training checkpoint (expected a dict, got {type(ckpt).__name__})")
+    weights_key = 'ema' if use_ema else 'model'
+    missing = [k for k in ('config', weights_key) if k not in ckpt]
+    if 'config' in ckpt:
+        if not isinstance(ckpt['config'], dict):
+            raise ValueError(f"{path!r}: 'config' should be a dict, got {type(ckpt['config']).__name__}")
+        missing += [f"config['{k}']" for k in ('model',) if k not in ckpt['config']]
+    if missing:
+        hint = (" (a checkpoint without EMA weights: pass --no-ema to sample the raw weights)"
+                if missing == ['ema'] else "")
+        raise ValueError(f"{path!r} lacks the key(s) {missing} that sampling needs; it has "
+                         f"{sorted(ckpt)}. Expected the format train.py writes: "
+                         f"{{'model', 'ema', 'config': {{'model', 'vae', 'vae_scale_factor', ...}}}}{hint}. "
+                         f"For the authors' released .pth use --official PATH --model S|L|H.")
+    config = ckpt['config']
+    model = FlowAR(**config['model'])
+    sd = ckpt[weights_key]
+    problems = _state_dict_problems(model, sd)
+    if problems:
+        raise ValueError(f"{path!r}: the '{weights_key}' weights do not fit the FlowAR built from "
+                         f"config['model']:\n" + "\n".join(problems[:30]))
+    model.load_state_dict(sd, strict=True)
+    return model.to(device).eval(), config
+
+
+def load_official_model(path, model_name, device='cpu', trust_pickle=False):
+    """A released FlowAR-S/L/H .pth -> FlowAR in eval mode (EMA weights when the file has them)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"released checkpoint {path!r} not found")
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=not trust_pickle)
+    except Exception as e:  # weights_only refuses pickled python objects (e.g. an argparse Namespace)
+        raise ValueError(f"could not read {path!r} with torch.load(weights_only=True): {e}\n"
+                         f"If the file holds pickled python objects besides the tensors and you "
+                         f"trust where it came from, re-run with --trust-pickle.") from e
+    model = FlowAR.from_preset(model_name)
+    load_official_state_dict(model, obj)  # strict; prefers 'model_ema' over 'model'
+    return model.to(device).eval()
+
+
+def check_vae(model, vae):
+    """The VAE must decode the model's latents: same number of latent channels."""
+    c_vae = vae.config['embed_dim']
+    if c_vae != model.latent_channels:
+        raise ValueError(f"the VAE has {c_vae} latent channels but the FlowAR model has "
+                         f"latent_channels={model.latent_channels}: this is not the VAE the "
+                         f"model was trained with (pass the right one with --vae)")
+
+
+def sampling_settings(preset, num_steps=None, cfg=None, guidance=None):
+    """Flags given on the command line win; the others come from SAMPLING_DEFAULTS[preset]."""
+    given = dict(num_steps=num_steps, cfg=cfg, guidance=guidance)
+    if all(v is not None for v in given.values()):
+        return given
+    if preset not in SAMPLING_DEFAULTS:
+        unset = ['--' + k.replace('_', '-') for k, v in given.items() if v is None]
+        raise ValueError(f"no sampling defaults for the model preset {preset!r} (known: "
+                         f"{sorted(SAMPLING_DEFAULTS)}); pass {' '.join(unset)} explicitly")
+    return {k: (SAMPLING_DEFAULTS[preset][k] if v is None else v) for k, v in given.items()}
+
+
+def parse_classes(text, num_classes):
+    """'1,207,360' -> [1, 207, 360], each checked to be a class of this model."""
+    out = []
+    for part in text.split(','):
+        part = part.strip()
+        try:
+            c = int(part)
+        except ValueError:
+            raise ValueError(f"--classes takes comma-separated integer class ids, got {part!r} in {text!r}") from None
+        if not 0 <= c < num_classes:
+            raise ValueError(f"class id {c} is out of range: this model has {num_classes} "
+                             f"classes, valid ids are 0..{num_classes - 1}")
+        out.append(c)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling and decoding
+# ---------------------------------------------------------------------------------------
+
+def chunk_generator(seed, chunk):
+    """The noise stream of chunk `chunk`: a CPU generator, so CPU and GPU runs draw the
+    same noise (FlowAR.sample draws on the generator's device, then moves it)."""
+    return torch.Generator('cpu').manual_seed(seed * SEED_STRIDE + chunk)
+
+
+def to_uint8(images):
+    """(B, 3, H, W) float in about [-1, 1] -> (B, H, W, 3) uint8 numpy, clamped and rounded."""
+    x = images.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def decode(vae, latents, scale_factor):
+    """Latents in the scaled space the model works in -> uint8 (B, H, W, 3).
+    The model was trained on z * scale_factor, so the decoder gets latents / scale_factor."""
+    return to_uint8(vae.decode(latents / scale_factor))
+
+
+@torch.no_grad()
+def generate(model, vae, scale_factor, labels, *, num_steps, cfg, guidance, generator=None,
+             show_scales=False, scale_upsample='bicubic'):
+    """Sample len(labels) images as one batch.
+
+    labels: list or (B,) tensor of class ids. returns uint8 numpy (B, H, W, 3), or with
+    show_scales=True (B, n, H, W, 3): the token map of every scale s^1..s^n upsampled to
+    the final latent size with `scale_upsample` ('bicubic': the first half of the model's
+    own Up(.), what the next scale is conditioned on; 'nearest': shows the token blocks)
+    and decoded by the VAE. The last column is the final sample itself (s^n is already
+    at full size, it is not interpolated).
+    """
+    device = model.class_emb.weight.device
+    labels = torch.as_tensor(labels, dtype=torch.long).to(device)
+    latents, details = model.sample(labels, num_steps=num_steps, cfg=cfg, guidance=guidance,
+                                    generator=generator, return_details=True)  # (B, C, H, W)
+    if not show_scales:
+        return decode(vae, latents, scale_factor)  # (B, H, W, 3)
+    if scale_upsample not in ('bicubic', 'nearest'):
+        raise ValueError(f"scale_upsample must be 'bicubic' or 'nearest', got {scale_upsample!r}")
+    full = tuple(latents.shape[-2:])
+    cols = []
+    for s in details['maps']:  # s^i: (B, C, h_i, w_i)
+        if tuple(s.shape[-2:]) != full:
+            kw = dict(align_corners=False) if scale_upsample == 'bicubic' else {}
+            s = F.interpolate(s, size=full, mode=scale_upsample, **kw)  # (B, C, H, W)
+        cols.append(decode(vae, s, scale_factor))  # one batch of B per scale, like the plain path
+    return np.stack(cols, axis=1)  # (B, n, H, W, 3)
+
+
+def make_grid(images, nrow, pad=2, pad_value=255):
+    """uint8 (N, H, W, 3) -> one uint8 image (rows * (H + pad) + pad, nrow * (W + pad) + pad, 3),
+    images placed left to right, top to bottom, `nrow` per row (torchvision's convention)."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"make_grid wants uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+    n, h, w, _ = images.shape
+    rows = (n + nrow - 1) // nrow
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), pad_value, np.uint8)
+    for k in range(n):
+        r, c = divmod(k, nrow)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        grid[y:y + h, x:x + w] = images[k]
+    return grid
+
+
+def sample_images(model, vae, scale_factor, labels, *, seed, batch_size, num_steps, cfg,
+                  guidance, show_scales=False, scale_upsample='bicubic'):
+    """All `labels` in chunks of batch_size, chunk c seeded from (seed, c) as in sample_npz.
+    returns uint8 (N, H, W, 3), or (N, n_scales, H, W, 3) with show_scales."""
+    out = []
+    for c, start in enumerate(range(0, len(labels), batch_size)):
+        out.append(generate(model, vae, scale_factor, labels[start:start + batch_size],
+                            num_steps=num_steps, cfg=cfg, guidance=guidance,
+                            generator=chunk_generator(seed, c), show_scales=show_scales,
+                            scale_upsample=scale_upsample))
+    return np.concatenate(out)
+
+
+# ---------------------------------------------------------------------------------------
+# The evaluation set: class-balanced, chunked, resumable, identical for any number of ranks
+# ---------------------------------------------------------------------------------------
+
+def npz_labels(num_images, num_classes):
+    """Image i has label i // (N / num_classes): N / num_classes images per class, in class order."""
+    if num_images % num_classes:
+        raise ValueError(f"--num-images {num_images} is not divisible by the {num_classes} classes; "
+                         f"a class-balanced set needs a multiple (e.g. "
+                         f"{(num_images // num_classes + 1) * num_classes})")
+    return np.arange(num_images, dtype=np.int64) // (num_images // num_classes)
+
+
+def _atomic_save_npy(arr, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, 'wb') as f:  # a file object: np.save would append '.npy' to a name
+        np.save(f, arr)
+    os.replace(tmp, path)
+
+
+def _write_npz_streaming(path, chunk_paths, shape, labels):
+    """Write {'arr_0': uint8 shape, 'arr_1': labels, 'labels': labels} as an uncompressed
+    .npz (a zip of .npy files, what np.load and the FID/IS evaluators read), copying the
+    chunks in one at a time; atomic (temporary file, then a rename)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open('arr_0.npy', 'w', force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(
+                f, {'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                    'fortran_order': False, 'shape': tuple(shape)})
+            n = 0
+            for p in chunk_paths:
+                a = np.load(p)
+                if a.dtype != np.uint8 or a.shape[1:] != tuple(shape[1:]):
+                    raise ValueError(f"{p}: expected uint8 (*, {shape[1:]}), got {a.dtype} {a.shape}")
+                f.write(np.ascontiguousarray(a).tobytes())
+                n += a.shape[0]
+            if n != shape[0]:
+                raise ValueError(f"the chunks hold {n} images, expected {shape[0]}")
+        for name in ('arr_1', 'labels'):
+            with zf.open(name + '.npy', 'w') as f:
+                np.lib.format.write_array(f, labels)
+    os.replace(tmp, path)
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def sample_npz(model, vae, scale_factor, out_path, *, num_images, seed, batch_size, num_steps,
+               cfg, guidance, rank=0, world_size=1, keep_parts=False, run_info=None, log=print):
+    """Sample a class-balanced set of num_images into `out_path` (.npz, see the top of the
+    file for the format and the seeding contract). Every rank calls this with its rank and
+    the world size (torch.distributed initialised when world_size > 1). Returns out_path.
+
+    run_info: extra things to record in the parts folder (e.g. the checkpoint path); a
+    resumed run with other settings is refused instead of mixing two sets.
+    """
+    labels = npz_labels(num_images, model.num_classes)                     # (N,)
+    chunks = [(c, s, min(s + batch_size, num_images))
+              for c, s in enumerate(range(0, num_images, batch_size))]     # (index, start, stop)
+    parts = out_path + '.parts'
+    meta = dict(num_images=num_images, batch_size=batch_size, seed=seed, num_steps=num_steps,
+                cfg=cfg, guidance=guidance, num_classes=model.num_classes,
+                scales=[list(s) for s in model.scales], **(run_info or {}))
+    meta = json.loads(json.dumps(meta))  # what it reads back as
+    meta_path = os.path.join(parts, 'meta.json')
+    chunk_path = lambda c: os.path.join(parts, f'chunk_{c:06d}.npy')
+
+    # 1. An existing parts folder must come from the same settings (every rank checks).
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if old != meta:
+            diff = {k: (old.get(k), meta.get(k)) for k in set(old) | set(meta) if old.get(k) != meta.get(k)}
+            raise ValueError(f"{parts} holds chunks of a run with other settings "
+                             f"(setting: (on disk, now)) {diff}; delete the folder or re-run with "
+                             f"the same settings to resume")
+    _barrier()
+    if rank == 0 and not os.path.isfile(meta_path):
+        os.makedirs(parts, exist_ok=True)
+        tmp = meta_path + '.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(meta, f, indent=1)
+        os.replace(tmp, meta_path)
+    _barrier()
+
+    # 2. What is left: every rank lists the folder before anyone writes (barrier), and the
+    # missing chunks are dealt out round-robin, so a resumed run stays balanced.
+    todo = [ch for ch in chunks if not os.path.isfile(chunk_path(ch[0]))]
+    _barrier()
+    mine = todo[rank::world_size]
+    if rank == 0:
+        done = len(chunks) - len(todo)
+        log(f"npz: {num_images} images ({num_images // model.num_classes} per class), "
+            f"{len(chunks)} chunks of {batch_size}, {world_size} rank(s)"
+            + (f"; resuming: {done} chunk(s) already in {parts}" if done else ""))
+
+    # 3. Sample my chunks, each as one batch with its own generator.
+    t0, made = time.time(), 0
+    left = sum(stop - start for _, start, stop in todo)
+    for c, start, stop in mine:
+        imgs = generate(model, vae, scale_factor, labels[start:stop], num_steps=num_steps,
+                        cfg=cfg, guidance=guidance, generator=chunk_generator(seed, c))  # (b, H, W, 3)
+        _atomic_save_npy(imgs, chunk_path(c))
+        made += stop - start
+        if rank == 0:  # progress of rank 0, times world_size as an estimate of the whole
+            rate = made * world_size / (time.time() - t0)
+            eta = max(left - made * world_size, 0) / rate
+            log(f"  chunk {c + 1}/{len(chunks)}: {rate:.2f} images/s (all ranks, est.), "
+                f"ETA {datetime.timedelta(seconds=round(eta))}")
+
+    # 4. Everyone done: rank 0 assembles the .npz and removes the parts.
+    _barrier()
+    if rank == 0:
+        paths = [chunk_path(c) for c, _, _ in chunks]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise RuntimeError(f"{len(missing)} chunk(s) missing after sampling, e.g. {missing[0]}")
+        shape = (num_images,) + np.load(paths[0], mmap_mode='r').shape[1:]  # (N, H, W, 3)
+        _write_npz_streaming(out_path, paths, shape, labels)
+        if not keep_parts:
+            for p in paths + [meta_path]:
+                os.remove(p)
+            os.rmdir(parts)
+        log(f"wrote {out_path}: arr_0 uint8 {shape}, arr_1/labels int64 ({num_images},)")
+    return out_path
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Sample from FlowAR: a PNG grid, or an .npz for FID/IS.")
+    src = p.add_argument_group("model (one of)")
+    src.add_argument('--ckpt', help="training checkpoint written by train.py (OUT/ckpt.pt)")
+    src.add_argument('--official', help="the authors' released FlowAR .pth (needs --model and --vae)")
+    src.add_argument('--model', choices=['S', 'L', 'H'], help="preset of the --official weights")
+    src.add_argument('--trust-pickle', action='store_true',
+                     help="load --official with weights_only=False (only for files you trust)")
+    p.add_argument('--vae', help="VAE checkpoint (vae.py's vae.pt or MAR's kl16.ckpt); default: "
+                                 "the one stored in --ckpt")
+    p.add_argument('--ema', action=argparse.BooleanOptionalAction, default=True,
+                   help="sample the EMA weights of --ckpt (default) or the raw ones (--no-ema)")
+    g = p.add_argument_group("sampling (defaults: flowar.SAMPLING_DEFAULTS of the model preset)")
+    g.add_argument('--num-steps', type=int, help="Euler steps per scale")
+    g.add_argument('--cfg', type=float, help="classifier-free guidance weight at the last scale")
+    g.add_argument('--guidance', type=float, help="guidance only while t <= this (the interval)")
+    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--batch-size', type=int, default=64,
+                   help="images per chunk; the .npz is reproducible for a fixed value")
+    g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    o = p.add_argument_group("grid output (default mode)")
+    o.add_argument('--classes', help="comma-separated class ids, one grid row each "
+                                     "(default: the first 10 classes)")
+    o.add_argument('--per-class', type=int, help="samples per class (default 8; 1 with --show-scales)")
+    o.add_argument('--out', help="PNG path (default: next to --ckpt, or ./samples_<model>.png)")
+    o.add_argument('--show-scales', action='store_true',
+                   help="one row per sample, one column per scale (coarse to fine)")
+    o.add_argument('--scale-upsample', choices=['bicubic', 'nearest'], default='bicubic',
+                   help="how --show-scales brings each token map to the final latent size")
+    e = p.add_argument_group("evaluation output")
+    e.add_argument('--num-images', type=int, help="class-balanced set of this many images")
+    e.add_argument('--npz', help="write the set here (arr_0 uint8 (N, H, W, 3), arr_1/labels int64)")
+    e.add_argument('--keep-parts', action='store_true', help="keep NPZ.parts/ after assembling")
+    return p
+
+
+def _check_args(parser, args):
+    if (args.ckpt is None) == (args.official is None):
+        parser.error("give exactly one of --ckpt (a train.py checkpoint) or --official (a released .pth)")
+    if args.official is not None and (args.model is None or args.vae is None):
+        parser.error("--official needs --model S|L|H (which released model it is) and "
+                     "--vae PATH/kl16.ckpt (MAR's KL-16 VAE)")
+    if args.model is not None and args.official is None:
+        parser.error("--model only applies to --official; a --ckpt knows its own model")
+    if (args.num_images is None) != (args.npz is None):
+        parser.error("--num-images and --npz go together")
+    if args.npz is not None and (args.show_scales or args.classes or args.per_class or args.out):
+        parser.error("--npz makes a class-balanced set; --classes/--per-class/--out/--show-scales are for grids")
+    for name in ('batch_size', 'per_class', 'num_images', 'num_steps'):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+
+    # One switch decides single-process vs torchrun: is RANK in the environment?
+    distributed = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
+    rank, world_size, device = 0, 1, args.device
+    if distributed:
+        if args.npz is None:
+            parser.error("under torchrun only --npz mode is supported (a grid is one process's job)")
+        rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+        if torch.device(device).type == 'cuda':
+            local_rank = int(os.environ.get('LOCAL_RANK', 0))
+            torch.cuda.set_device(local_rank)
+            device = f'cuda:{local_rank}'
+            dist.init_process_group('nccl', device_id=torch.device(device))
+        else:
+            dist.init_process_group('gloo')
+    log = print if rank == 0 else (lambda *a, **k: None)
+
+    # Model.
+    if args.official is not None:
+        model = load_official_model(args.official, args.model, device, args.trust_pickle)
+        preset, dataset, expected_sf = args.model, 'imagenet', None
+        vae_path = args.vae
+        log(f"model: released FlowAR-{args.model} from {args.official}")
+    else:
+        model, cfg = load_model_from_checkpoint(args.ckpt, use_ema=args.ema, device=device)
+        preset, dataset = cfg.get('model_preset'), cfg.get('dataset')
+        expected_sf = cfg.get('vae_scale_factor')
+        vae_path = args.vae if args.vae is not None else cfg.get('vae')
+        if vae_path is None:
+            raise ValueError(f"{args.ckpt!r} does not record its VAE (config['vae']); pass --vae PATH")
+        if args.vae is None and not os.path.isfile(vae_path):
+            raise FileNotFoundError(f"the VAE recorded in {args.ckpt!r}, {vae_path!r}, is not there "
+                                    f"(relative paths are relative to where train.py ran); pass --vae PATH")
+        log(f"model: {args.ckpt} ({'EMA' if args.ema else 'raw'} weights, preset {preset!r}, "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)")
+
+    # VAE.
+    vae, scale_factor = load_vae(vae_path, device=device)
+    check_vae(model, vae)
+    if expected_sf is not None and abs(expected_sf - scale_factor) > 1e-6 * abs(expected_sf):
+        raise ValueError(f"the model was trained on latents scaled by {expected_sf} but the VAE "
+                         f"{vae_path!r} has scale factor {scale_factor}: not the VAE of training")
+    log(f"vae: {vae_path} (scale factor {scale_factor})")
+
+    # Sampling settings.
+    st = sampling_settings(preset, args.num_steps, args.cfg, args.guidance)
+    log(f"sampling: num_steps={st['num_steps']} cfg={st['cfg']} guidance={st['guidance']} "
+        f"seed={args.seed} batch_size={args.batch_size} device={device}")
+
+    if args.npz is not None:
+        try:
+            sample_npz(model, vae, scale_factor, args.npz, num_images=args.num_images, seed=args.seed,
+                       batch_size=args.batch_size, rank=rank, world_size=world_size,
+                       keep_parts=args.keep_parts, log=log,
+                       run_info=dict(source=args.official or args.ckpt, ema=args.ema, vae=vae_path),
+                       **st)
+        finally:
+            if distributed:
+                dist.destroy_process_group()
+        return args.npz
+
+    # Grid.
+    if args.classes is not None:
+        try:
+            classes = parse_classes(args.classes, model.num_classes)
+        except ValueError as err:
+            parser.error(str(err))
+    else:
+        classes = list(range(min(10, model.num_classes)))
+    per_class = args.per_class or (1 if args.show_scales else 8)
+    names = CLASS_NAMES.get(dataset)
+    log("classes: " + ", ".join(f"{c} ({names[c]})" if names else str(c) for c in classes)
+        + f"; {per_class} per class")
+    labels = [c for c in classes for _ in range(per_class)]
+    t0 = time.time()
+    imgs = sample_images(model, vae, scale_factor, labels, seed=args.seed, batch_size=args.batch_size,
+                         show_scales=args.show_scales, scale_upsample=args.scale_upsample, **st)
+    dt = time.time() - t0
+    log(f"sampled {len(labels)} images in {dt:.1f}s ({len(labels) / dt:.2f} images/s)")
+    if args.show_scales:  # (N, n, H, W, 3): one row per sample, one column per scale
+        n_scales = imgs.shape[1]
+        grid = make_grid(imgs.reshape(-1, *imgs.shape[2:]), nrow=n_scales)
+        log(f"scales {[tuple(s) for s in model.scales]}, upsampled ({args.scale_upsample}) to "
+            f"{tuple(model.scales[-1])} and decoded; the last column is the final sample")
+    else:
+        grid = make_grid(imgs, nrow=per_class)  # one row per class
+    out = args.out
+    if out is None:
+        stem = 'samples_scales' if args.show_scales else 'samples'
+        out = (os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), stem + '.png')
+               if args.ckpt else f"{stem}_{args.model}.png")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    Image.fromarray(grid).save(out)
+    log(f"wrote {out} ({grid.shape[1]}x{grid.shape[0]})")
+    return out
+
+
+if __name__ == '__main__':
+    main()
