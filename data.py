@@ -496,6 +496,17 @@ class LatentDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.labels)
 
+    def moments_batch(self, indices):
+        """Raw cached moments of several items, for callers that draw the randomness
+        themselves (train.py): (float32 (B, 2, 2C, h, w) [plain, flipped], labels int64 (B,))."""
+        if self._moments is None:
+            self._moments = np.load(os.path.join(self.path, 'moments.npy'), mmap_mode='r')
+        idx = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(idx)                   # sorted reads are kinder to the memmap
+        m = np.empty((len(idx),) + self._moments.shape[1:], dtype=np.float32)
+        m[order] = self._moments[idx[order]]
+        return torch.from_numpy(m), torch.from_numpy(self.labels[idx].astype(np.int64))
+
     def __getitem__(self, i):
         if self._moments is None:
             self._moments = np.load(os.path.join(self.path, 'moments.npy'), mmap_mode='r')

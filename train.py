@@ -1,0 +1,546 @@
+"""
+Train FlowAR. One file, from a CPU toy run to multi-GPU ImageNet.
+
+    python train.py                                   # CPU toy: CIFAR-10 -> VAE -> latents -> FlowAR -> samples
+    python train.py --preset imagenet-S --data-dir /path/imagenet/train --vae kl16.ckpt
+    torchrun --nproc_per_node=8 train.py --preset imagenet-S ...       # one node
+    torchrun --nnodes=4 --nproc_per_node=8 --node_rank=$RANK --master_addr=$ADDR --master_port=29500 \
+        train.py --preset imagenet-S ...                                # several nodes
+
+The pipeline has stages, and each one is skipped when its output already exists in --out:
+    1. data       CIFAR-10 (downloaded by data.py when absent), procedural shapes, or an
+                  ImageNet-style folder
+    2. VAE        the small 'cifar' KL VAE is trained when no --vae is given (OUT/vae.pt)
+    3. latents    every image is encoded once (plain + flipped) into OUT/latents/
+    4. FlowAR     trained on the cached latents; OUT/ckpt.pt is written every --ckpt-every
+                  steps and at the end; rerunning the same command resumes from it
+    5. samples    a class-conditional grid (one row per class) from the EMA weights:
+                  OUT/samples.png
+
+Single process vs torchrun is decided by one thing: is RANK in the environment (as in
+nanoGPT). Only rank 0 logs, samples and writes checkpoints.
+
+Reproducibility. All randomness of a training step (which latent of a pair, the posterior
+sample, t, the flow noise, label dropout) is drawn per *sample* from a generator seeded by
+(seed, step, global index of the sample in the batch). So a run gives the same numbers
+whatever the number of ranks or gradient-accumulation steps, and a resumed run continues
+exactly as if it had never stopped (the data order is a function of (seed, epoch)).
+"""
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import flowar
+import vae as vae_lib
+
+# ---------------------------------------------------------------------------------------
+# Presets. Every value can be overridden on the command line: --batch-size 1024 etc.
+# ---------------------------------------------------------------------------------------
+
+_IMAGENET = dict(
+    dataset='imagenet', data_dir='', vae='', image_size=256, subset=0,
+    batch_size=2048,            # global batch (paper)
+    blr=5e-5, lr=0.0,           # lr = blr * batch_size / 256 = 4e-4 unless --lr is given
+    min_lr=1e-5, epochs=400.0, warmup_epochs=100.0, max_steps=0,
+    weight_decay=0.02, beta1=0.9, beta2=0.95, grad_clip=3.0, ema=0.9999, label_drop=0.1,
+    grad_ckpt=False, precision='fp32', compile=False,
+    vae_max_steps=0, vae_batch_size=64, cache_batch_size=64,
+    log_every=100, ckpt_every=5000, sample_every=0, num_sample_classes=10,
+    seed=0, device='',
+)
+
+PRESETS = {
+    # The CPU toy: ~3.5M-parameter FlowAR on 4x8x8 latents of a small VAE trained here.
+    'cifar-toy': dict(
+        model='toy', dataset='cifar10', data_dir='data', out='out/cifar-toy', vae='',
+        image_size=32, subset=0, batch_size=64, micro_batch=0,
+        blr=0.0, lr=1e-3, min_lr=1e-5, epochs=6.0, warmup_epochs=0.25, max_steps=0,
+        weight_decay=0.02, beta1=0.9, beta2=0.95, grad_clip=3.0, ema=0.999, label_drop=0.1,
+        grad_ckpt=False, precision='fp32', compile=False,
+        vae_max_steps=3000, vae_batch_size=64, cache_batch_size=256,
+        log_every=50, ckpt_every=500, sample_every=0, num_sample_classes=10,
+        seed=0, device='',
+    ),
+    # ImageNet 256x256 with the MAR KL-16 VAE (--vae kl16.ckpt): the paper's recipe.
+    # micro_batch = per-GPU batch per forward; gradient accumulation fills the rest.
+    'imagenet-S': dict(_IMAGENET, model='S', out='out/imagenet-S', micro_batch=64),
+    'imagenet-B': dict(_IMAGENET, model='B', out='out/imagenet-B', micro_batch=64),
+    'imagenet-L': dict(_IMAGENET, model='L', out='out/imagenet-L', micro_batch=64, grad_ckpt=True),
+    'imagenet-H': dict(_IMAGENET, model='H', out='out/imagenet-H', micro_batch=32, grad_ckpt=True),
+}
+
+HELP = {
+    'model': 'FlowAR preset (flowar.PRESETS): toy, S, B, L, H',
+    'dataset': 'cifar10, shapes (procedural, no download) or imagenet (class folders)',
+    'data_dir': 'cifar10: folder for cifar-10-batches-py/ (downloaded if absent); imagenet: the train/ folder',
+    'out': 'output folder: vae.pt, latents/, ckpt.pt, log.jsonl, samples.png',
+    'vae': 'VAE checkpoint (this project\'s or MAR kl16.ckpt); empty = train the small cifar VAE',
+    'image_size': 'image resolution (32 for CIFAR/shapes, 256 for ImageNet)',
+    'subset': 'use only the first N training images (0 = all; for smoke tests)',
+    'batch_size': 'global batch size (all ranks and accumulation steps together)',
+    'micro_batch': 'per-rank batch of one forward pass; 0 = batch_size / world_size (no accumulation)',
+    'blr': 'base lr per 256 images: lr = blr * batch_size / 256 (used when --lr is 0)',
+    'lr': 'peak learning rate (0 = from --blr)',
+    'min_lr': 'final learning rate of the cosine schedule',
+    'epochs': 'length of the lr schedule in epochs (warm-up + cosine)',
+    'warmup_epochs': 'linear warm-up in epochs',
+    'max_steps': 'stop the FlowAR stage after this many optimizer steps (0 = run all epochs)',
+    'weight_decay': 'AdamW weight decay (not on 1-D parameters and biases)',
+    'beta1': 'AdamW beta1', 'beta2': 'AdamW beta2',
+    'grad_clip': 'clip the gradient norm to this (0 = off)',
+    'ema': 'EMA decay of the weights used for sampling',
+    'label_drop': 'probability of replacing the label by the null class (for CFG)',
+    'grad_ckpt': 'gradient checkpointing of the AR blocks (saves memory for L and H)',
+    'precision': 'fp32 or bf16 (autocast; the authors report NaNs with mixed precision)',
+    'compile': 'torch.compile the model',
+    'vae_max_steps': 'training steps of the small VAE (toy pipeline, when no --vae is given)',
+    'vae_batch_size': 'batch size of the VAE training',
+    'cache_batch_size': 'batch size when encoding images into the latent cache',
+    'log_every': 'steps between log lines', 'ckpt_every': 'steps between checkpoints',
+    'sample_every': 'steps between sample grids (0 = only at the end)',
+    'num_sample_classes': 'rows (classes) of the sample grid',
+    'seed': 'random seed (data order, init, noise)',
+    'device': 'cpu, cuda, cuda:1 ... (empty = cuda if available, else cpu)',
+}
+
+
+def parse_args(argv=None):
+    """Two passes: --preset picks the defaults, then every field can be overridden."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--preset', default='cifar-toy')
+    known, _ = pre.parse_known_args(argv)
+    if known.preset not in PRESETS:
+        pre.error(f"unknown --preset {known.preset!r}; choose one of {', '.join(PRESETS)}")
+    defaults = PRESETS[known.preset]
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--preset', default='cifar-toy', choices=list(PRESETS), help='recipe whose values are the defaults below')
+    for key, value in defaults.items():
+        flag = '--' + key.replace('_', '-')
+        if isinstance(value, bool):
+            p.add_argument(flag, default=value, action=argparse.BooleanOptionalAction, help=HELP.get(key, key))
+        else:
+            p.add_argument(flag, default=value, type=type(value), help=HELP.get(key, key))
+    args = p.parse_args(argv)
+    cfg = vars(args)
+    # Refuse bad values with a message rather than failing later.
+    checks = [
+        (cfg['model'] in flowar.PRESETS, f"--model must be one of {sorted(flowar.PRESETS)}"),
+        (cfg['dataset'] in ('cifar10', 'shapes', 'imagenet'), "--dataset must be cifar10, shapes or imagenet"),
+        (cfg['batch_size'] > 0, "--batch-size must be > 0"),
+        (cfg['micro_batch'] >= 0, "--micro-batch must be >= 0"),
+        (cfg['lr'] >= 0 and cfg['blr'] >= 0 and (cfg['lr'] > 0 or cfg['blr'] > 0), "give --lr > 0 or --blr > 0"),
+        (cfg['min_lr'] >= 0, "--min-lr must be >= 0"),
+        (cfg['epochs'] > 0, "--epochs must be > 0"),
+        (0 <= cfg['warmup_epochs'] <= cfg['epochs'], "--warmup-epochs must be in [0, epochs]"),
+        (cfg['max_steps'] >= 0, "--max-steps must be >= 0"),
+        (cfg['subset'] >= 0, "--subset must be >= 0"),
+        (0 <= cfg['ema'] < 1, "--ema must be in [0, 1)"),
+        (0 <= cfg['label_drop'] < 1, "--label-drop must be in [0, 1)"),
+        (cfg['grad_clip'] >= 0, "--grad-clip must be >= 0"),
+        (cfg['precision'] in ('fp32', 'bf16'), "--precision must be fp32 or bf16"),
+        (cfg['vae_max_steps'] >= 0, "--vae-max-steps must be >= 0"),
+        (cfg['log_every'] > 0 and cfg['ckpt_every'] > 0 and cfg['sample_every'] >= 0,
+         "--log-every and --ckpt-every must be > 0, --sample-every >= 0"),
+        (cfg['dataset'] != 'imagenet' or (cfg['data_dir'] and cfg['vae']),
+         "ImageNet needs --data-dir /path/to/imagenet/train and --vae /path/to/kl16.ckpt"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            p.error(msg)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------
+# Small pieces, each tested in test_flowar.py
+# ---------------------------------------------------------------------------------------
+
+def lr_at(epoch, lr, min_lr, warmup_epochs, epochs):
+    """Linear warm-up to `lr` over warmup_epochs, then half a cosine down to `min_lr` at
+    `epochs` (paper recipe: 100 + 300 epochs, 4e-4 -> 1e-5). `epoch` is fractional
+    (step / steps_per_epoch), so the lr changes every step."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    if epoch >= epochs:
+        return min_lr
+    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: no weight decay on 1-D parameters (norm weights) and biases."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith('.bias') else decay).append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+
+
+def epoch_order(n, seed, epoch):
+    """The data order of one epoch: a permutation that depends only on (seed, epoch), so
+    a resumed run (or a run with another number of ranks) sees the same order."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def sample_randomness(seed, step, global_index, latent_shape, num_scales, scales):
+    """Everything random about one training sample at one step, from its own generator:
+    flip (pick plain or flipped moments), posterior eps, t per scale, flow noise per scale,
+    and the label-dropout draw."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_003 + global_index)
+    C, H, W = latent_shape
+    flip = int(torch.randint(0, 2, (), generator=g))
+    eps_post = torch.randn(C, H, W, generator=g)
+    t = torch.rand(num_scales, generator=g)
+    noise = [torch.randn(C, h, w, generator=g) for h, w in scales]
+    drop = float(torch.rand((), generator=g))
+    return flip, eps_post, t, noise, drop
+
+
+def make_batch(ds, indices, global_offset, cfg, step, model_cfg, device):
+    """The training inputs of the samples `indices` (positions global_offset.. in the
+    global batch): scaled posterior samples, labels after dropout, noise and t."""
+    moments, labels = ds.moments_batch(indices)                # (B, 2, 2C, h, w), (B,)
+    scales = flowar.normalize_scales(model_cfg['scales'])
+    C = model_cfg['latent_channels']
+    z, ts, noise, keep = [], [], [[] for _ in scales], []
+    for j in range(len(indices)):
+        flip, eps, t, nz, drop = sample_randomness(cfg['seed'], step, global_offset + j,
+                                                   (C, *moments.shape[-2:]), len(scales), scales)
+        mean, logvar = moments[j, flip].chunk(2, dim=0)        # (C, h, w) each
+        z.append((mean + torch.exp(0.5 * logvar) * eps) * ds.scale_factor)  # posterior sample
+        ts.append(t)
+        for i, n in enumerate(nz):
+            noise[i].append(n)
+        keep.append(drop >= cfg['label_drop'])
+    null = model_cfg['num_classes']
+    labels = torch.where(torch.tensor(keep), labels, torch.full_like(labels, null))
+    return (torch.stack(z).to(device), labels.to(device), [torch.stack(n).to(device) for n in noise],
+            torch.stack(ts).to(device))
+
+
+def atomic_save(obj, path):
+    """Never lose a checkpoint: write a temp file, then rename over the old one."""
+    tmp = path + '.tmp'
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def check_resume_config(saved, cfg, model_cfg, path):
+    """Refuse a checkpoint made for another model or data, naming the differing fields."""
+    diffs = []
+    for k in sorted(set(saved['model']) | set(model_cfg)):
+        a, b = saved['model'].get(k), model_cfg.get(k)
+        if a != b:
+            diffs.append(f"model.{k}: checkpoint {a!r}, now {b!r}")
+    for k in ('dataset', 'batch_size', 'seed', 'vae_fingerprint'):
+        if saved.get(k) != cfg.get(k):
+            diffs.append(f"{k}: checkpoint {saved.get(k)!r}, now {cfg.get(k)!r}")
+    if diffs:
+        raise SystemExit(f"{path} was written by a different configuration:\n  " + "\n  ".join(diffs)
+                         + "\nUse another --out, delete the checkpoint, or pass the matching options.")
+
+
+# ---------------------------------------------------------------------------------------
+# Stages 1-3: data, VAE, latent cache
+# ---------------------------------------------------------------------------------------
+
+def load_images(cfg):
+    """uint8 (N, H, W, 3) + labels for CIFAR-10 / shapes, or an ImageFolderDataset."""
+    n = cfg['subset']
+    if cfg['dataset'] == 'cifar10':
+        images, labels = data.load_cifar10(cfg['data_dir'], train=True, download=True)
+        return images[:n or None], labels[:n or None], data.CIFAR10_CLASSES
+    if cfg['dataset'] == 'shapes':
+        images, labels = data.make_shapes(n or 50_000, seed=cfg['seed'], size=cfg['image_size'])
+        return images, labels, data.SHAPES_CLASSES
+    ds = data.ImageFolderDataset(cfg['data_dir'], image_size=cfg['image_size'], train_aug=False)
+    if n:
+        raise SystemExit("--subset is for CIFAR-10 / shapes; for ImageNet point --data-dir at a smaller folder")
+    return ds, None, ds.classes
+
+
+def prepare_latents(cfg, rank, world_size, device, log):
+    """Stages 1-3. Returns (LatentDataset, vae path, VAE scale factor, class names)."""
+    out = cfg['out']
+    images, labels, class_names = load_images(cfg)
+    vae_path = cfg['vae'] or os.path.join(out, 'vae.pt')
+    if not cfg['vae'] and not os.path.exists(vae_path):
+        if cfg['dataset'] == 'imagenet':
+            raise SystemExit("ImageNet needs a pretrained VAE: --vae /path/to/kl16.ckpt")
+        if rank == 0:  # small VAE: trained on rank 0 only, the others wait
+            t0 = time.time()
+            log(f"[stage vae] training the small '{cfg['dataset']}' VAE for {cfg['vae_max_steps']} steps -> {vae_path}")
+            vae_lib.train_vae(images, vae_path, steps=cfg['vae_max_steps'], batch_size=cfg['vae_batch_size'],
+                              device=device, seed=cfg['seed'], log_every=max(cfg['log_every'], 100))
+            log(f"[stage vae] done in {time.time() - t0:.0f}s")
+        if world_size > 1:
+            dist.barrier()
+    vae, scale_factor = vae_lib.load_vae(vae_path, device=device)
+    cache = os.path.join(out, 'latents')
+    t0 = time.time()
+    data.build_latent_cache(vae, images, labels, cache, scale_factor=scale_factor,
+                            batch_size=cfg['cache_batch_size'], device=device, rank=rank,
+                            world_size=world_size, barrier=dist.barrier if world_size > 1 else None,
+                            dataset_name=cfg['dataset'])
+    log(f"[stage latents] {cache} ready ({time.time() - t0:.0f}s)")
+    ds = data.LatentDataset(cache, vae_fingerprint=vae_lib.vae_fingerprint(vae))
+    return ds, vae, vae_path, scale_factor, class_names
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 5: samples
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def write_sample_grid(model, vae, scale_factor, path, num_classes, per_class=8, seed=0):
+    """One row per class (the first `num_classes` classes), `per_class` samples each,
+    with the preset's default sampling settings (flowar.SAMPLING_DEFAULTS)."""
+    import sample as sample_lib  # sample.py: generation and grid helpers
+    settings = flowar.SAMPLING_DEFAULTS[model.preset_name]
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    images = sample_lib.sample_images(model, vae, scale_factor, labels, seed=seed,
+                                      batch_size=len(labels), **settings)   # uint8 (N, H, W, 3)
+    from PIL import Image
+    Image.fromarray(sample_lib.make_grid(images, nrow=per_class)).save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# Stage 4: FlowAR training
+# ---------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = parse_args(argv)
+
+    # --- distributed set-up: one switch, "is RANK in the environment?" ---
+    ddp = 'RANK' in os.environ
+    if cfg['device']:
+        device = torch.device(cfg['device'])
+    else:
+        device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if ddp:
+        rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+        local_rank = int(os.environ.get('LOCAL_RANK', 0))
+        if device.type == 'cuda':
+            device = torch.device('cuda', local_rank)
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+    else:
+        rank, world_size = 0, 1
+    master = rank == 0
+    out = cfg['out']
+
+    def log(msg):
+        if master:
+            print(msg, flush=True)
+
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True   # TF32: the released training precision
+        torch.backends.cudnn.allow_tf32 = True
+    if master:
+        os.makedirs(out, exist_ok=True)
+    if ddp:
+        dist.barrier()
+
+    # --- global batch -> per-rank micro-batches with gradient accumulation ---
+    B = cfg['batch_size']
+    if B % world_size:
+        raise SystemExit(f"--batch-size {B} is not divisible by the {world_size} ranks")
+    per_rank = B // world_size
+    micro = cfg['micro_batch'] or per_rank
+    if per_rank % micro:
+        raise SystemExit(f"per-rank batch {per_rank} (= {B} / {world_size} ranks) is not divisible "
+                         f"by --micro-batch {micro}")
+    accum = per_rank // micro
+    lr_peak = cfg['lr'] or cfg['blr'] * B / 256
+
+    # --- stages 1-3 ---
+    ds, vae, vae_path, scale_factor, class_names = prepare_latents(cfg, rank, world_size, device, log)
+    cfg['vae_fingerprint'] = ds.header['vae_fingerprint']
+    cfg['vae_path'] = vae_path
+
+    # --- model, EMA, optimizer ---
+    torch.manual_seed(cfg['seed'])  # same init on every rank (DDP also broadcasts it)
+    model = flowar.FlowAR.from_preset(cfg['model'], latent_channels=ds.latent_shape[0],
+                                      scales=_default_scales(cfg['model'], ds.latent_shape),
+                                      num_classes=len(class_names), class_dropout=cfg['label_drop'],
+                                      grad_checkpointing=cfg['grad_ckpt']).to(device)
+    model.preset_name = cfg['model']
+    model_cfg = model.config
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(param_groups(model, cfg['weight_decay']), lr=lr_peak,
+                            betas=(cfg['beta1'], cfg['beta2']), fused=device.type == 'cuda')
+    n_params = sum(p.numel() for p in model.parameters())
+
+    steps_per_epoch = len(ds) // B
+    if steps_per_epoch == 0:
+        raise SystemExit(f"the dataset has {len(ds)} items, fewer than one batch of {B}")
+    total_steps = cfg['max_steps'] or int(cfg['epochs'] * steps_per_epoch)
+
+    # --- resume ---
+    ckpt_path = os.path.join(out, 'ckpt.pt')
+    step = 0
+    train_cfg = dict(cfg, preset=cfg['preset'], model_preset=cfg['model'], model=model_cfg,
+                     vae=vae_path, vae_scale_factor=float(scale_factor))
+    if os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        check_resume_config(ck['config'], train_cfg, model_cfg, ckpt_path)
+        model.load_state_dict(ck['model'])
+        ema.load_state_dict(ck['ema'])
+        opt.load_state_dict(ck['optimizer'])
+        step = int(ck['step'])
+        rng = ck['rng'][rank] if rank < len(ck['rng']) else ck['rng'][0]
+        torch.set_rng_state(rng['torch'])
+        if device.type == 'cuda' and 'cuda' in rng:
+            torch.cuda.set_rng_state(rng['cuda'], device)
+        log(f"[resume] {ckpt_path} at step {step}")
+    else:
+        torch.manual_seed(cfg['seed'] + rank)  # per-rank seed (dropout inside the model)
+
+    train_model = model
+    if cfg['compile']:
+        train_model = torch.compile(model)  # checkpoints always hold the raw module's keys
+    if ddp:
+        train_model = DDP(train_model, device_ids=[device.index] if device.type == 'cuda' else None)
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg['precision'] == 'bf16'
+                else contextlib.nullcontext())
+
+    def save_checkpoint():
+        rng = {'torch': torch.get_rng_state()}
+        if device.type == 'cuda':
+            rng['cuda'] = torch.cuda.get_rng_state(device)
+        rngs = [None] * world_size
+        if ddp:
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        if master:
+            atomic_save({'model': model.state_dict(), 'ema': ema.state_dict(),
+                         'optimizer': opt.state_dict(), 'step': step,
+                         'epoch': step // steps_per_epoch, 'config': train_cfg, 'rng': rngs}, ckpt_path)
+
+    # Ctrl-C: finish the current step, save, exit.
+    stop = {'now': False}
+    signal.signal(signal.SIGINT, lambda *a: stop.update(now=True))
+
+    log(f"[stage flowar] model {cfg['model']} ({n_params / 1e6:.2f}M params), {len(ds)} latents "
+        f"{tuple(ds.latent_shape)}, global batch {B} = {world_size} ranks x {accum} x {micro}, "
+        f"lr {lr_peak:.2e}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, device {device}")
+    log_file = open(os.path.join(out, 'log.jsonl'), 'a') if master else None
+    t_log, n_log, t_start, step0 = time.time(), 0, time.time(), step
+    sums, n_sums, order_epoch = 0.0, 0, None
+    train_model.train()
+    while step < total_steps and not stop['now']:
+        epoch = step // steps_per_epoch
+        lr = lr_at(step / steps_per_epoch, lr_peak, cfg['min_lr'], cfg['warmup_epochs'], cfg['epochs'])
+        for group in opt.param_groups:
+            group['lr'] = lr
+        if epoch != order_epoch:
+            order, order_epoch = epoch_order(len(ds), cfg['seed'], epoch), epoch
+        batch_idx = order[(step % steps_per_epoch) * B:(step % steps_per_epoch + 1) * B]  # global batch
+        step_loss = torch.zeros(1 + len(model.scales), device=device)
+        for m in range(accum):
+            off = rank * per_rank + m * micro                      # position in the global batch
+            z, y, noise, t = make_batch(ds, batch_idx[off:off + micro].tolist(), off, cfg, step, model_cfg, device)
+            # DDP: sync gradients only on the last micro-step (set before the forward)
+            sync = contextlib.nullcontext() if (not ddp or m == accum - 1) else train_model.no_sync()
+            with sync:
+                with autocast:
+                    loss, per_scale = train_model(z, y, noise=noise, t=t, drop_labels=False)
+                (loss / accum).backward()
+            step_loss += torch.cat([loss.detach().float()[None], per_scale.float()]) / accum
+        if not torch.isfinite(step_loss[0]):
+            raise SystemExit(f"non-finite loss at step {step} ({step_loss[0].item()}); stopping without "
+                             f"saving. The last good checkpoint is {ckpt_path}. With --precision bf16 "
+                             "try fp32 (the authors report NaNs with mixed precision), or lower --lr.")
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'] or float('inf'))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        update_ema(ema, model, cfg['ema'])
+        step += 1
+        n_log += B
+
+        # --- logging (losses averaged over ranks) ---
+        if ddp:
+            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+        sums, n_sums = sums + step_loss, n_sums + 1
+        if step % cfg['log_every'] == 0 or step == total_steps:
+            avg = (sums / n_sums).tolist()
+            sums, n_sums = 0.0, 0
+            dt = time.time() - t_log
+            ips = n_log / max(dt, 1e-9)
+            eta = (total_steps - step) * B / max(ips, 1e-9)
+            rec = dict(step=step, epoch=round(step / steps_per_epoch, 3), loss=avg[0],
+                       scale_losses=avg[1:], lr=lr, grad_norm=float(gnorm), img_per_s=ips, eta_s=eta)
+            log(f"step {step}/{total_steps} ep {rec['epoch']:.2f} loss {avg[0]:.4f} "
+                f"[{' '.join(f'{v:.3f}' for v in avg[1:])}] lr {lr:.2e} gnorm {float(gnorm):.2f} "
+                f"{ips:.0f} img/s ETA {eta / 60:.1f} min")
+            if master:
+                log_file.write(json.dumps(rec) + '\n')
+                log_file.flush()
+            t_log, n_log = time.time(), 0
+        if step % cfg['ckpt_every'] == 0:
+            save_checkpoint()
+        if master and cfg['sample_every'] and step % cfg['sample_every'] == 0:
+            write_sample_grid(ema, vae, scale_factor, os.path.join(out, f'samples_{step:07d}.png'),
+                              min(cfg['num_sample_classes'], len(class_names)), seed=cfg['seed'])
+
+    save_checkpoint()
+    if stop['now']:
+        log(f"[interrupted] checkpoint saved at step {step}: {ckpt_path}; rerun the same command to resume")
+        _cleanup(ddp)
+        sys.exit(130)
+    log(f"[stage flowar] done: {step - step0} steps in {(time.time() - t_start) / 60:.1f} min -> {ckpt_path}")
+
+    # --- stage 5: samples from the EMA weights (skipped if this run trained nothing and
+    # the grid exists already) ---
+    grid_path = os.path.join(out, 'samples.png')
+    if master and step == step0 and os.path.exists(grid_path):
+        log(f"[stage samples] {grid_path} exists; nothing new to sample")
+    elif master:
+        t0 = time.time()
+        path = write_sample_grid(ema, vae, scale_factor, grid_path,
+                                 min(cfg['num_sample_classes'], len(class_names)), seed=cfg['seed'])
+        log(f"[stage samples] {path} ({time.time() - t0:.0f}s); rows = classes "
+            f"{', '.join(class_names[:cfg['num_sample_classes']])}")
+    _cleanup(ddp)
+
+
+def _default_scales(model_preset, latent_shape):
+    """The FlowAR preset's scale list, checked against the latent size of the VAE."""
+    scales = flowar.PRESETS[model_preset]['scales']
+    if tuple(flowar.normalize_scales(scales)[-1]) != tuple(latent_shape[1:]):
+        raise SystemExit(f"model {model_preset} ends at scale {scales[-1]} but the VAE gives "
+                         f"{tuple(latent_shape[1:])} latents; use a matching --model / --vae / --image-size")
+    return scales
+
+
+def _cleanup(ddp):
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
