@@ -56,12 +56,10 @@ from PIL import Image
 from flowar import FlowAR, SAMPLING_DEFAULTS, load_official_state_dict
 from vae import load_vae
 
-# Class names for the small datasets (the grid log prints them); ImageNet shows ids.
-try:
-    from data import CIFAR10_CLASSES, SHAPES_CLASSES
-    CLASS_NAMES = {'cifar10': CIFAR10_CLASSES, 'shapes': SHAPES_CLASSES}
-except ImportError as e:  # data.py is part of this repository; say so instead of guessing
-    raise ImportError(f"sample.py needs data.py from this repository next to it ({e})") from e
+from data import CIFAR10_CLASSES, SHAPES_CLASSES
+
+# Class names of the small datasets (the grid log prints them); ImageNet shows ids.
+CLASS_NAMES = {'cifar10': CIFAR10_CLASSES, 'shapes': SHAPES_CLASSES}
 
 # Chunk c of a run with seed s draws its noise from a generator seeded with
 # s * SEED_STRIDE + c. SEED_STRIDE is a prime larger than any chunk count we will see, so
@@ -376,10 +374,14 @@ def sample_npz(model, vae, scale_factor, out_path, *, num_images, seed, batch_si
             raise RuntimeError(f"{len(missing)} chunk(s) missing after sampling, e.g. {missing[0]}")
         shape = (num_images,) + np.load(paths[0], mmap_mode='r').shape[1:]  # (N, H, W, 3)
         _write_npz_streaming(out_path, paths, shape, labels)
-        if not keep_parts:
-            for p in paths + [meta_path]:
-                os.remove(p)
-            os.rmdir(parts)
+        if not keep_parts:  # our files only (chunks, meta, temporaries of killed runs)
+            for name in os.listdir(parts):
+                if name.startswith(('chunk_', 'meta.json')):
+                    os.remove(os.path.join(parts, name))
+            if os.listdir(parts):
+                log(f"note: {parts} holds files sample.py did not write; left in place")
+            else:
+                os.rmdir(parts)
         log(f"wrote {out_path}: arr_0 uint8 {shape}, arr_1/labels int64 ({num_images},)")
     return out_path
 

@@ -123,6 +123,7 @@ def test_smp_npz_one_rank_equals_two_ranks_and_resume(smp_files, capsys):
     parts = res + '.parts'
     os.remove(res)
     os.remove(os.path.join(parts, 'chunk_000001.npy'))
+    open(os.path.join(parts, 'chunk_000001.npy.tmp999'), 'wb').close()  # left by a killed rank
     capsys.readouterr()
     sample.main(_smp_npz_args(smp_files, res))
     assert 'resuming: 2 chunk(s) already' in capsys.readouterr().out
