@@ -56,9 +56,9 @@ PRESETS = {
     # the input of the toy FlowAR (scales 1, 2, 4, 8). Sized to train in minutes on 2 CPU
     # cores; see the README / train_vae for the PSNR it reaches.
     'cifar': dict(
-        ch=64,
+        ch=32,                      # 32x32: 32 ch, 16x16: 64 ch, 8x8: 64 ch
         ch_mult=[1, 2, 2],
-        num_res_blocks=1,
+        num_res_blocks=2,
         attn_resolutions=[],
         dec_attn_resolutions=[],
         z_channels=4,
