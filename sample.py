@@ -26,10 +26,12 @@ images (the last chunk may be shorter). Chunk c is sampled as one batch with its
 generator, seeded with `seed * 1_000_003 + c` (a CPU generator, so the noise is the same on
 a CPU and a GPU). Chunks are dealt out to ranks round-robin. So the noise and the label of
 image i depend on (seed, batch size, i) only, never on the number of ranks or on which rank
-made it: with the same --seed and --batch-size the .npz is the same byte for byte for 1 or
-8 ranks, and for a run that was interrupted and resumed (on the same kind of device; the
-model's arithmetic is deterministic for a given batch, but a different batch size regroups
-the noise and gives a different, equally valid, set). Grids use the same scheme.
+made it: with the same --seed and --batch-size the arrays in the .npz are identical for 1
+or 8 ranks, and for a run that was interrupted and resumed. (Identical chunks are computed
+identically on the same kind of device with the same thread count; the model's output
+depends on the batch composition only through float rounding, which is why the batch is
+fixed per chunk. Another --batch-size regroups the noise and gives a different, equally
+valid, set.) Grids use the same scheme, so the same seed gives the same grid.
 
 Resuming: every chunk is written to `OUT.npz.parts/chunk_000012.npy` (atomically: a
 temporary file, then a rename) as soon as it is done. Running the same command again skips
@@ -43,7 +45,6 @@ import argparse
 import datetime
 import json
 import os
-import sys
 import time
 import zipfile
 
@@ -53,10 +54,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
+from data import CIFAR10_CLASSES, SHAPES_CLASSES
 from flowar import FlowAR, SAMPLING_DEFAULTS, load_official_state_dict
 from vae import load_vae
-
-from data import CIFAR10_CLASSES, SHAPES_CLASSES
 
 # Class names of the small datasets (the grid log prints them); ImageNet shows ids.
 CLASS_NAMES = {'cifar10': CIFAR10_CLASSES, 'shapes': SHAPES_CLASSES}
