@@ -24,7 +24,7 @@ How noise is assigned (the reproducibility contract)
 The images to make are numbered 0..N-1 and cut into *chunks* of --batch-size consecutive
 images (the last chunk may be shorter). Chunk c is sampled as one batch with its own
 generator, seeded with `seed * 1_000_003 + c` (a CPU generator, so the noise is the same on
-a CPU and a GPU). Chunks are dealt out to ranks round-robin. So the noise and the label of
+a CPU and a GPU). The chunks still to do are dealt out to ranks round-robin. The noise and label of
 image i depend on (seed, batch size, i) only, never on the number of ranks or on which rank
 made it: with the same --seed and --batch-size the arrays in the .npz are identical for 1
 or 8 ranks, and for a run that was interrupted and resumed. (Identical chunks are computed
