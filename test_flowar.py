@@ -4,6 +4,7 @@ Each test names the part of the paper / code it pins, so a student can rewrite o
 function and check it. All run on a CPU in float32.
 """
 
+import json
 import math
 import re
 from pathlib import Path
@@ -372,3 +373,140 @@ def test_unknown_preset_and_override_are_refused():
         FlowAR.from_preset('XL')
     with pytest.raises(ValueError, match='unknown FlowAR config field'):
         FlowAR.from_preset('toy', depth=3)
+
+
+# ---------------------------------------------------------------------------------------
+# train.py: schedule, DDP equivalence, gradient accumulation, resume, checkpoints
+# ---------------------------------------------------------------------------------------
+
+import os
+import subprocess
+import sys
+
+import train
+
+ROOT = Path(__file__).resolve().parent
+
+
+def test_lr_schedule_warmup_and_cosine_values():
+    # paper recipe: 4e-4 peak, 100 warm-up epochs, cosine to 1e-5 at epoch 400
+    lr = lambda e: train.lr_at(e, 4e-4, 1e-5, 100, 400)
+    assert lr(0) == 0 and math.isclose(lr(50), 2e-4) and math.isclose(lr(100), 4e-4)
+    assert math.isclose(lr(250), 1e-5 + (4e-4 - 1e-5) * 0.5)          # half-way down the cosine
+    assert math.isclose(lr(400), 1e-5) and math.isclose(lr(500), 1e-5)
+    assert lr(150) > lr(200) > lr(300) > lr(399)
+
+
+def test_param_groups_exclude_biases_and_1d_params_from_weight_decay():
+    model = tiny_model()
+    decay, no_decay = train.param_groups(model, 0.02)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.ndim >= 2 for p in decay['params'])
+    assert all(p.ndim < 2 or names[id(p)].endswith('.bias') for p in no_decay['params'])
+    assert any(names[id(p)] == 'z_proj_ln.weight' for p in no_decay['params'])
+    assert len(decay['params']) + len(no_decay['params']) == len(list(model.parameters()))
+
+
+def test_ema_update():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = a.weight.clone()
+    train.update_ema(a, b, 0.9)
+    assert torch.allclose(a.weight, 0.9 * before + 0.1 * b.weight)
+
+
+@pytest.fixture(scope='module')
+def toy_setup(tmp_path_factory):
+    """A tiny shapes run folder with a random-init cifar VAE (so no VAE training)."""
+    import vae as vae_lib
+    root = tmp_path_factory.mktemp('train')
+    torch.manual_seed(0)
+    v = vae_lib.AutoencoderKL.from_preset('cifar')
+    vae_path = root / 'vae.pt'
+    vae_lib.save_vae(str(vae_path), v, 1.0)
+    return root, vae_path
+
+
+def _train_args(out, vae_path, *extra):
+    return ['--dataset', 'shapes', '--subset', '64', '--out', str(out), '--vae', str(vae_path),
+            '--batch-size', '16', '--log-every', '1', '--ckpt-every', '1000', '--num-sample-classes', '2',
+            '--cache-batch-size', '32', '--device', 'cpu', *extra]
+
+
+def _run_train(out, vae_path, *extra):
+    """train.main in this process; returns the checkpoint."""
+    train.main(_train_args(out, vae_path, *extra))
+    return torch.load(out / 'ckpt.pt', map_location='cpu', weights_only=True)
+
+
+def _max_diff(a, b):
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def test_smoke_run_writes_checkpoint_grid_and_log(toy_setup, tmp_path):
+    _, vae_path = toy_setup
+    ck = _run_train(tmp_path / 'run', vae_path, '--max-steps', '3')
+    assert ck['step'] == 3 and set(ck) >= {'model', 'ema', 'optimizer', 'step', 'epoch', 'config', 'rng'}
+    assert ck['config']['model']['latent_channels'] == 4 and ck['config']['model_preset'] == 'toy'
+    from PIL import Image
+    grid = Image.open(tmp_path / 'run' / 'samples.png')
+    assert grid.size[1] > grid.size[0] / 8 * 1.5      # two rows (classes) of 8 samples
+    lines = (tmp_path / 'run' / 'log.jsonl').read_text().splitlines()
+    assert len(lines) == 3 and {'loss', 'scale_losses', 'lr', 'grad_norm', 'img_per_s', 'eta_s'} <= set(json.loads(lines[-1]))
+    assert not (tmp_path / 'run' / 'ckpt.pt.tmp').exists()
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(toy_setup, tmp_path):
+    _, vae_path = toy_setup
+    straight = _run_train(tmp_path / 'a', vae_path, '--max-steps', '4')
+    _run_train(tmp_path / 'b', vae_path, '--max-steps', '2')
+    resumed = _run_train(tmp_path / 'b', vae_path, '--max-steps', '4')
+    assert resumed['step'] == 4
+    assert _max_diff(straight['model'], resumed['model']) == 0
+    assert _max_diff(straight['ema'], resumed['ema']) == 0
+
+
+def test_gradient_accumulation_equals_one_big_batch(toy_setup, tmp_path):
+    _, vae_path = toy_setup
+    big = _run_train(tmp_path / 'big', vae_path, '--max-steps', '1')
+    acc = _run_train(tmp_path / 'acc', vae_path, '--max-steps', '1', '--micro-batch', '8')
+    assert _max_diff(big['model'], acc['model']) <= 1e-5
+
+
+def test_checkpoint_from_another_config_is_refused_naming_the_fields(toy_setup, tmp_path):
+    _, vae_path = toy_setup
+    _run_train(tmp_path / 'c', vae_path, '--max-steps', '1')
+    with pytest.raises(SystemExit, match=r'(?s)different configuration.*seed'):
+        _run_train(tmp_path / 'c', vae_path, '--max-steps', '2', '--seed', '5')
+
+
+def test_bad_cli_values_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(['--batch-size', '0'])
+    assert '--batch-size must be > 0' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(['--preset', 'imagenet-XL'])
+    assert 'unknown --preset' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(['--preset', 'imagenet-S'])
+    assert '--data-dir' in capsys.readouterr().err
+    cfg = train.parse_args(['--preset', 'imagenet-L', '--data-dir', 'x', '--vae', 'y'])
+    assert cfg['grad_ckpt'] and cfg['batch_size'] == 2048 and cfg['blr'] * 2048 / 256 == 4e-4
+
+
+def test_two_gloo_ranks_match_one_process_on_the_same_global_batch(toy_setup, tmp_path):
+    _, vae_path = toy_setup
+    one = _run_train(tmp_path / 'one', vae_path, '--max-steps', '1')
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    import socket
+    with socket.socket() as sock:          # a free local port for the rendezvous
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={port}',
+           str(ROOT / 'train.py'), *_train_args(tmp_path / 'two', vae_path, '--max-steps', '1')]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    two = torch.load(tmp_path / 'two' / 'ckpt.pt', map_location='cpu', weights_only=True)
+    assert len(two['rng']) == 2
+    assert _max_diff(one['model'], two['model']) <= 1e-5
+    first = lambda p: json.loads((p / 'log.jsonl').read_text().splitlines()[0])['loss']
+    assert abs(first(tmp_path / 'one') - first(tmp_path / 'two')) <= 1e-5

@@ -442,7 +442,7 @@ def main(argv=None):
 
     # Ctrl-C: finish the current step, save, exit.
     stop = {'now': False}
-    signal.signal(signal.SIGINT, lambda *a: stop.update(now=True))
+    previous_handler = signal.signal(signal.SIGINT, lambda *a: stop.update(now=True))
 
     log(f"[stage flowar] model {cfg['model']} ({n_params / 1e6:.2f}M params), {len(ds)} latents "
         f"{tuple(ds.latent_shape)}, global batch {B} = {world_size} ranks x {accum} x {micro}, "
@@ -507,6 +507,7 @@ def main(argv=None):
                               min(cfg['num_sample_classes'], len(class_names)), seed=cfg['seed'])
 
     save_checkpoint()
+    signal.signal(signal.SIGINT, previous_handler)
     if stop['now']:
         log(f"[interrupted] checkpoint saved at step {step}: {ckpt_path}; rerun the same command to resume")
         _cleanup(ddp)
