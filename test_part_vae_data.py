@@ -365,6 +365,9 @@ def test_vd_latent_cache(tmp_path, monkeypatch):
     # LatentDataset: fresh samples, mean ~ scale * average of plain and flipped means
     ds = data.LatentDataset(path, vae_fingerprint=vae.vae_fingerprint(m))
     assert len(ds) == 20 and ds.scale_factor == 0.7 and ds.latent_shape == (4, 8, 8)
+    mb, lb = ds.moments_batch([3, 1, 17])                          # raw moments, any order
+    assert torch.equal(mb, torch.from_numpy(moments[[3, 1, 17]]))
+    assert torch.equal(lb, torch.from_numpy(labels[[3, 1, 17]]))
     torch.manual_seed(0)
     n = 3000
     zs = torch.stack([ds[3][0] for _ in range(n)])                    # (n, 4, 8, 8)
