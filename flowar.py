@@ -603,6 +603,8 @@ class FlowAR(nn.Module):
         block, sampling) x holds just the next scale and attends to the cached keys.
         returns the semantics s-hat of those positions, (B, N, D)."""
         N = x.shape[1]
+        if caches is not None and start != (caches[0]['k'].shape[2] if 'k' in caches[0] else 0):
+            raise ValueError(f"start={start} but the KV cache holds {caches[0]['k'].shape[2]} tokens")
         idx = slice(start, start + N)
         pos = self.positions[idx]
         mask = None if caches is not None else self.attn_mask[idx, idx]
@@ -681,11 +683,19 @@ class FlowAR(nn.Module):
         batch_size is needed and cfg must be 1). cfg: classifier-free guidance weight at
         the last scale (1 = no guidance); the weight rises linearly from 1 at the first
         scale. guidance: guidance is applied only while t <= guidance (the interval).
-        generator: a torch.Generator for reproducible noise.
+        generator: a torch.Generator for reproducible noise. Runs in eval mode (no dropout).
         returns latents (B, C, H, W) (in the scaled latent space of training), and with
         return_details also a dict with 'maps' (list of s^i) and 'semantics' (list of
         conditional s-hat^i, (B, N_i, D)).
         """
+        was_training = self.training
+        self.eval()  # no dropout while sampling
+        try:
+            return self._sample(labels, num_steps, cfg, guidance, generator, batch_size, return_details)
+        finally:
+            self.train(was_training)
+
+    def _sample(self, labels, num_steps, cfg, guidance, generator, batch_size, return_details):
         device = self.class_emb.weight.device
         dtype = self.class_emb.weight.dtype
         if labels is None:
@@ -732,10 +742,13 @@ class FlowAR(nn.Module):
             w_i = weights[i]
 
             def velocity(x, t):
+                guided = use_cfg and t <= guidance  # the guidance interval (released)
+                if guided:  # both halves are evaluated at the conditional state (released)
+                    x = torch.cat([x[:B], x[:B]])
                 xb = x.to(dtype)
                 tb = torch.full((xb.shape[0],), t, device=device, dtype=dtype)
                 v = self.flownet(xb, tb, s_hat, pos)
-                if use_cfg and t <= guidance:  # guidance interval (released)
+                if guided:  # v = v_u + w * (v_c - v_u), given to both halves
                     v_c, v_u = v.chunk(2)
                     v_g = v_u + w_i * (v_c - v_u)
                     v = torch.cat([v_g, v_g])
