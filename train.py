@@ -63,7 +63,7 @@ _IMAGENET = dict(
 )
 
 PRESETS = {
-    # The CPU toy: ~3.5M-parameter FlowAR on 4x8x8 latents of a small VAE trained here.
+    # The CPU toy: a 1.9M-parameter FlowAR on 4x8x8 latents of a small VAE trained here.
     'cifar-toy': dict(
         model='toy', dataset='cifar10', data_dir='data', out='out/cifar-toy', vae='',
         image_size=32, subset=0, batch_size=64, micro_batch=0,
