@@ -54,7 +54,10 @@ PRESETS = {
     ),
     # A small VAE for 32x32 images (CIFAR-10, procedural shapes): 32x32x3 -> 8x8x4 latent,
     # the input of the toy FlowAR (scales 1, 2, 4, 8). Sized to train in minutes on 2 CPU
-    # cores; see the README / train_vae for the PSNR it reaches.
+    # cores (1.29M parameters, ~160 img/s training there with batch 64, L1 loss, lr 2e-3).
+    # Measured CIFAR-10 test PSNR: 24.3 dB after 850 steps / 340 s; 25.1 dB after 1000
+    # steps (of a 3000-step cosine run) / ~15 min on a shared, half-loaded CPU; 25.6 at 1500.
+    # L1 and MSE losses gave the same PSNR (21.05 vs 20.93 dB) in a 3-minute comparison.
     'cifar': dict(
         ch=32,                      # 32x32: 32 ch, 16x16: 64 ch, 8x8: 64 ch
         ch_mult=[1, 2, 2],
