@@ -44,7 +44,7 @@ from torch.utils.checkpoint import checkpoint
 
 _IMAGENET = dict(latent_channels=16, scales=(1, 2, 4, 8, 16), num_classes=1000,
                  mlp_ratio=4.0, class_dropout=0.1, attn_dropout=0.1, proj_dropout=0.1,
-                 rope_theta=10000.0, grad_checkpointing=False)
+                 rope_theta=10000.0, grad_checkpointing=False, scale_weighting='tokens')
 
 PRESETS = {
     # name: AR width D, AR depth (encoder + decoder stacks), AR heads, flow head depth,
@@ -54,7 +54,7 @@ PRESETS = {
                 ar_dim=128, enc_depth=2, dec_depth=2, ar_heads=2,
                 head_depth=2, head_dim=128, head_block='spatial',
                 mlp_ratio=4.0, class_dropout=0.1, attn_dropout=0.0, proj_dropout=0.0,
-                rope_theta=10000.0, grad_checkpointing=False),
+                rope_theta=10000.0, grad_checkpointing=False, scale_weighting='tokens'),
     'S': dict(_IMAGENET, ar_dim=768, enc_depth=6, dec_depth=6, ar_heads=12,
               head_depth=2, head_dim=1024, head_block='spatial'),
     'B': dict(_IMAGENET, ar_dim=1024, enc_depth=6, dec_depth=6, ar_heads=16,
@@ -372,9 +372,10 @@ class SpatialAdaLNBlock(nn.Module):
         return self.ada_lin(F.silu(t_emb + c)).chunk(6, dim=-1)
 
     def forward(self, x, t_emb, c, semantics, pos):
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(t_emb, c)
-        x = x + self.attn(modulate(self.norm1(x), shift1, scale1), pos) * gamma1
-        x = x + self.mlp(modulate(self.norm2(x), shift2, scale2)) * gamma2
+        # x: (B, N, W) tokens of one scale; c: (B, N, W) projected semantics s-hat^i
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(t_emb, c)   # 6 x (B, N, W)
+        x = x + self.attn(modulate(self.norm1(x), shift1, scale1), pos) * gamma1     # Eq. 10, line 2
+        x = x + self.mlp(modulate(self.norm2(x), shift2, scale2)) * gamma2           # Eq. 10, line 3
         return x
 
 
@@ -507,9 +508,11 @@ class FlowAR(nn.Module):
                  ar_dim=768, enc_depth=6, dec_depth=6, ar_heads=12,
                  head_depth=2, head_dim=1024, head_block='spatial', mlp_ratio=4.0,
                  class_dropout=0.1, attn_dropout=0.1, proj_dropout=0.1, rope_theta=10000.0,
-                 grad_checkpointing=False):
+                 grad_checkpointing=False, scale_weighting='tokens'):
         super().__init__()
         scales_hw = normalize_scales(scales)
+        if scale_weighting not in ('tokens', 'uniform'):
+            raise ValueError(f"scale_weighting must be 'tokens' (released) or 'uniform', got {scale_weighting!r}")
         if head_dim % 64:
             raise ValueError(f"head_dim must be a multiple of 64 (head dim 64), got {head_dim}")
         if ar_dim % ar_heads or (ar_dim // ar_heads) % 4:
@@ -521,12 +524,13 @@ class FlowAR(nn.Module):
                            head_dim=head_dim, head_block=head_block, mlp_ratio=mlp_ratio,
                            class_dropout=class_dropout, attn_dropout=attn_dropout,
                            proj_dropout=proj_dropout, rope_theta=rope_theta,
-                           grad_checkpointing=grad_checkpointing)
+                           grad_checkpointing=grad_checkpointing, scale_weighting=scale_weighting)
         self.scales = scales_hw
         self.latent_channels = latent_channels
         self.num_classes = num_classes
         self.class_dropout = class_dropout
         self.grad_checkpointing = grad_checkpointing
+        self.scale_weighting = scale_weighting
         self.slices = scale_slices(scales_hw)
         L = self.slices[-1].stop  # 341 for 1-2-4-8-16
         self.seq_len = L
@@ -665,7 +669,9 @@ class FlowAR(nn.Module):
             loss_i = ((v.float() - target.float()) ** 2).mean(dim=(1, 2)).mean()  # per sample, then batch
             # Eq. 9 sums the scales; RELEASED: each scale weighted by its token share
             # h_i * w_i / (H * W) (s^2 / 16^2), so the 1x1 scale does not dominate.
-            total = total + loss_i * (s.shape[-2] * s.shape[-1]) / (H * W)
+            # scale_weighting='uniform' is the plain sum of Eq. 9 (an option of this code).
+            weight = (s.shape[-2] * s.shape[-1]) / (H * W) if self.scale_weighting == 'tokens' else 1.0
+            total = total + loss_i * weight
             per_scale.append(loss_i.detach())
         return total, torch.stack(per_scale)
 

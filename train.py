@@ -56,7 +56,7 @@ _IMAGENET = dict(
     blr=5e-5, lr=0.0,           # lr = blr * batch_size / 256 = 4e-4 unless --lr is given
     min_lr=1e-5, epochs=400.0, warmup_epochs=100.0, max_steps=0,
     weight_decay=0.02, beta1=0.9, beta2=0.95, grad_clip=3.0, ema=0.9999, label_drop=0.1,
-    grad_ckpt=False, precision='fp32', compile=False,
+    grad_ckpt=False, precision='fp32', compile=False, scale_weighting='tokens',
     vae_max_steps=0, vae_batch_size=64, cache_batch_size=64,
     log_every=100, ckpt_every=5000, sample_every=0, num_sample_classes=10,
     seed=0, device='',
@@ -70,7 +70,7 @@ PRESETS = {
         image_size=32, subset=0, batch_size=64, micro_batch=0,
         blr=0.0, lr=2e-3, min_lr=1e-5, epochs=1.8, warmup_epochs=0.1, max_steps=0,
         weight_decay=0.02, beta1=0.9, beta2=0.95, grad_clip=3.0, ema=0.999, label_drop=0.1,
-        grad_ckpt=False, precision='fp32', compile=False,
+        grad_ckpt=False, precision='fp32', compile=False, scale_weighting='tokens',
         vae_max_steps=850, vae_batch_size=64, cache_batch_size=256,
         log_every=50, ckpt_every=500, sample_every=0, num_sample_classes=10,
         seed=0, device='',
@@ -107,6 +107,7 @@ HELP = {
     'grad_ckpt': 'gradient checkpointing of the AR blocks (saves memory for L and H)',
     'precision': 'fp32 or bf16 (autocast; the authors report NaNs with mixed precision)',
     'compile': 'torch.compile the model',
+    'scale_weighting': "loss weight of each scale: 'tokens' (released, h*w / (H*W)) or 'uniform' (Eq. 9's plain sum)",
     'vae_max_steps': 'training steps of the small VAE (toy pipeline, when no --vae is given)',
     'vae_batch_size': 'batch size of the VAE training',
     'cache_batch_size': 'batch size when encoding images into the latent cache',
@@ -153,6 +154,7 @@ def parse_args(argv=None):
         (0 <= cfg['label_drop'] < 1, "--label-drop must be in [0, 1)"),
         (cfg['grad_clip'] >= 0, "--grad-clip must be >= 0"),
         (cfg['precision'] in ('fp32', 'bf16'), "--precision must be fp32 or bf16"),
+        (cfg['scale_weighting'] in ('tokens', 'uniform'), "--scale-weighting must be tokens or uniform"),
         (cfg['vae_max_steps'] >= 0, "--vae-max-steps must be >= 0"),
         (cfg['log_every'] > 0 and cfg['ckpt_every'] > 0 and cfg['sample_every'] >= 0,
          "--log-every and --ckpt-every must be > 0, --sample-every >= 0"),
@@ -266,10 +268,14 @@ def check_resume_config(saved, cfg, model_cfg, path):
 # Stages 1-3: data, VAE, latent cache
 # ---------------------------------------------------------------------------------------
 
-def load_images(cfg):
+def load_images(cfg, rank=0, world_size=1):
     """uint8 (N, H, W, 3) + labels for CIFAR-10 / shapes, or an ImageFolderDataset."""
     n = cfg['subset']
     if cfg['dataset'] == 'cifar10':
+        if world_size > 1:  # rank 0 downloads (if needed) while the others wait
+            if rank == 0:
+                data.load_cifar10(cfg['data_dir'], train=True, download=True)
+            dist.barrier()
         images, labels = data.load_cifar10(cfg['data_dir'], train=True, download=True)
         return images[:n or None], labels[:n or None], data.CIFAR10_CLASSES
     if cfg['dataset'] == 'shapes':
@@ -284,7 +290,7 @@ def load_images(cfg):
 def prepare_latents(cfg, rank, world_size, device, log):
     """Stages 1-3. Returns (LatentDataset, vae path, VAE scale factor, class names)."""
     out = cfg['out']
-    images, labels, class_names = load_images(cfg)
+    images, labels, class_names = load_images(cfg, rank, world_size)
     vae_path = cfg['vae'] or os.path.join(out, 'vae.pt')
     if not cfg['vae'] and not os.path.exists(vae_path):
         if cfg['dataset'] == 'imagenet':
@@ -294,6 +300,13 @@ def prepare_latents(cfg, rank, world_size, device, log):
             log(f"[stage vae] training the small '{cfg['dataset']}' VAE for {cfg['vae_max_steps']} steps -> {vae_path}")
             vae_lib.train_vae(images, vae_path, steps=cfg['vae_max_steps'], batch_size=cfg['vae_batch_size'],
                               device=device, seed=cfg['seed'], log_every=max(cfg['log_every'], 100))
+            trained, _ = vae_lib.load_vae(vae_path, device=device)
+            if cfg['dataset'] == 'cifar10':  # held-out quality: PSNR on 2,000 test images
+                test = data.load_cifar10(cfg['data_dir'], train=False)[0][:2000]
+                psnr = vae_lib.evaluate_psnr(trained, test, device=device)
+                vae_lib.save_recon_grid(trained, test, os.path.join(out, 'vae_recon.png'), device=device)
+                log(f"[stage vae] test PSNR {psnr:.2f} dB (2,000 CIFAR-10 test images); "
+                    f"originals vs reconstructions: {os.path.join(out, 'vae_recon.png')}")
             log(f"[stage vae] done in {time.time() - t0:.0f}s")
         if world_size > 1:
             dist.barrier()
@@ -386,7 +399,8 @@ def main(argv=None):
     model = flowar.FlowAR.from_preset(cfg['model'], latent_channels=ds.latent_shape[0],
                                       scales=_default_scales(cfg['model'], ds.latent_shape),
                                       num_classes=len(class_names), class_dropout=cfg['label_drop'],
-                                      grad_checkpointing=cfg['grad_ckpt']).to(device)
+                                      grad_checkpointing=cfg['grad_ckpt'],
+                                      scale_weighting=cfg['scale_weighting']).to(device)
     model.preset_name = cfg['model']
     model_cfg = model.config
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -452,7 +466,7 @@ def main(argv=None):
     t_log, n_log, t_start, step0 = time.time(), 0, time.time(), step
     sums, n_sums, order_epoch = 0.0, 0, None
     train_model.train()
-    while step < total_steps and not stop['now']:
+    while step < total_steps and not _any_rank(stop['now'], ddp, device):
         epoch = step // steps_per_epoch
         lr = lr_at(step / steps_per_epoch, lr_peak, cfg['min_lr'], cfg['warmup_epochs'], cfg['epochs'])
         for group in opt.param_groups:
@@ -471,6 +485,8 @@ def main(argv=None):
                     loss, per_scale = train_model(z, y, noise=noise, t=t, drop_labels=False)
                 (loss / accum).backward()
             step_loss += torch.cat([loss.detach().float()[None], per_scale.float()]) / accum
+        if ddp:  # average the logged losses over ranks (and let every rank see a NaN)
+            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
         if not torch.isfinite(step_loss[0]):
             raise SystemExit(f"non-finite loss at step {step} ({step_loss[0].item()}); stopping without "
                              f"saving. The last good checkpoint is {ckpt_path}. With --precision bf16 "
@@ -482,9 +498,7 @@ def main(argv=None):
         step += 1
         n_log += B
 
-        # --- logging (losses averaged over ranks) ---
-        if ddp:
-            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+        # --- logging ---
         sums, n_sums = sums + step_loss, n_sums + 1
         if step % cfg['log_every'] == 0 or step == total_steps:
             avg = (sums / n_sums).tolist()
@@ -536,6 +550,15 @@ def _default_scales(model_preset, latent_shape):
         raise SystemExit(f"model {model_preset} ends at scale {scales[-1]} but the VAE gives "
                          f"{tuple(latent_shape[1:])} latents; use a matching --model / --vae / --image-size")
     return scales
+
+
+def _any_rank(flag, ddp, device):
+    """True if `flag` is set on any rank (so that all ranks stop at the same step)."""
+    if not ddp:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _cleanup(ddp):
