@@ -780,7 +780,6 @@ class FlowAR(nn.Module):
 # constant buffers that this model recomputes instead of storing (they are checked, not
 # loaded): the (1, 1, L, L) attention mask and every attention layer's `rope.freqs`.
 OFFICIAL_KEY_MAP = {}            # no renamed parameters
-OFFICIAL_CHECKED_BUFFERS = ('mask', '.rope.freqs')
 
 
 def unwrap_official_checkpoint(obj, prefer_ema=True):
