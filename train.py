@@ -242,13 +242,6 @@ def make_batch(ds, indices, global_offset, cfg, step, model_cfg, device):
             torch.stack(ts).to(device))
 
 
-def atomic_save(obj, path):
-    """Never lose a checkpoint: write a temp file, then rename over the old one."""
-    tmp = path + '.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def check_resume_config(saved, cfg, model_cfg, path):
     """Refuse a checkpoint made for another model or data, naming the differing fields."""
     diffs = []
@@ -450,8 +443,8 @@ def main(argv=None):
             dist.all_gather_object(rngs, rng)
         else:
             rngs = [rng]
-        if master:
-            atomic_save({'model': model.state_dict(), 'ema': ema.state_dict(),
+        if master:  # never lose a checkpoint: temp file, then rename
+            vae_lib.atomic_save({'model': model.state_dict(), 'ema': ema.state_dict(),
                          'optimizer': opt.state_dict(), 'step': step,
                          'epoch': step // steps_per_epoch, 'config': train_cfg, 'rng': rngs}, ckpt_path)
 

@@ -379,7 +379,7 @@ def load_state_dict_strict(module, sd, what='model'):
     return module
 
 
-def _atomic_torch_save(obj, path):
+def atomic_save(obj, path):
     # write next to the target, then rename: a crash never leaves a half-written checkpoint
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
@@ -400,7 +400,7 @@ def save_vae(path, model, scale_factor, extra=None):
         if clash:
             raise ValueError(f"save_vae: extra may not override the keys {sorted(clash)}")
         ckpt.update(extra)
-    _atomic_torch_save(ckpt, path)
+    atomic_save(ckpt, path)
     return path
 
 
@@ -579,7 +579,7 @@ def train_vae(images, out_path, *, steps=3000, batch_size=64, lr=2e-3, device='c
               'data_rng': data_gen.get_state(), 'torch_rng': torch.get_rng_state()}
         if device.type == 'cuda':
             st['cuda_rng'] = torch.cuda.get_rng_state(device)
-        _atomic_torch_save(st, state_path)
+        atomic_save(st, state_path)
 
     images_t = torch.from_numpy(images)                   # (N, H, W, 3) uint8, stays on CPU
     n_elem = 3 * images.shape[1] * images.shape[2]
