@@ -445,8 +445,9 @@ def main(argv=None):
             rngs = [rng]
         if master:  # never lose a checkpoint: temp file, then rename
             vae_lib.atomic_save({'model': model.state_dict(), 'ema': ema.state_dict(),
-                         'optimizer': opt.state_dict(), 'step': step,
-                         'epoch': step // steps_per_epoch, 'config': train_cfg, 'rng': rngs}, ckpt_path)
+                                 'optimizer': opt.state_dict(), 'step': step,
+                                 'epoch': step // steps_per_epoch, 'config': train_cfg,
+                                 'rng': rngs}, ckpt_path)
 
     # Ctrl-C: finish the current step, save, exit.
     stop = {'now': False}
