@@ -149,20 +149,21 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def timed(fn, device):
+    """Wall-clock seconds of one call of fn (synchronised before and after on CUDA)."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
 def time_repeats(fn, device, warmup, repeats, warmup_fn=None):
     """Runs (warmup_fn or fn) `warmup` times untimed, then fn `repeats` times; returns the
     list of wall-clock seconds of the timed calls."""
     for _ in range(warmup):
         (warmup_fn or fn)()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
+    return [timed(fn, device) for _ in range(repeats)]
 
 
 def time_interleaved(fns, device, warmup, repeats):
@@ -175,11 +176,7 @@ def time_interleaved(fns, device, warmup, repeats):
     times = [[] for _ in fns]
     for _ in range(repeats):
         for fn, ts in zip(fns, times):
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            ts.append(time.perf_counter() - t0)
+            ts.append(timed(fn, device))
     return times
 
 
