@@ -44,7 +44,8 @@ from torch.utils.checkpoint import checkpoint
 
 _IMAGENET = dict(latent_channels=16, scales=(1, 2, 4, 8, 16), num_classes=1000,
                  mlp_ratio=4.0, class_dropout=0.1, attn_dropout=0.1, proj_dropout=0.1,
-                 rope_theta=10000.0, grad_checkpointing=False, scale_weighting='tokens')
+                 rope_theta=10000.0, grad_checkpointing=False, scale_weighting='tokens',
+                 init='released')
 
 PRESETS = {
     # name: AR width D, AR depth (encoder + decoder stacks), AR heads, flow head depth,
@@ -54,7 +55,8 @@ PRESETS = {
                 ar_dim=128, enc_depth=2, dec_depth=2, ar_heads=2,
                 head_depth=2, head_dim=128, head_block='spatial',
                 mlp_ratio=4.0, class_dropout=0.1, attn_dropout=0.0, proj_dropout=0.0,
-                rope_theta=10000.0, grad_checkpointing=False, scale_weighting='tokens'),
+                rope_theta=10000.0, grad_checkpointing=False, scale_weighting='tokens',
+                init='released'),
     'S': dict(_IMAGENET, ar_dim=768, enc_depth=6, dec_depth=6, ar_heads=12,
               head_depth=2, head_dim=1024, head_block='spatial'),
     'B': dict(_IMAGENET, ar_dim=1024, enc_depth=6, dec_depth=6, ar_heads=16,
@@ -508,11 +510,13 @@ class FlowAR(nn.Module):
                  ar_dim=768, enc_depth=6, dec_depth=6, ar_heads=12,
                  head_depth=2, head_dim=1024, head_block='spatial', mlp_ratio=4.0,
                  class_dropout=0.1, attn_dropout=0.1, proj_dropout=0.1, rope_theta=10000.0,
-                 grad_checkpointing=False, scale_weighting='tokens'):
+                 grad_checkpointing=False, scale_weighting='tokens', init='released'):
         super().__init__()
         scales_hw = normalize_scales(scales)
         if scale_weighting not in ('tokens', 'uniform'):
             raise ValueError(f"scale_weighting must be 'tokens' (released) or 'uniform', got {scale_weighting!r}")
+        if init not in ('released', 'adaln-zero'):
+            raise ValueError(f"init must be 'released' or 'adaln-zero', got {init!r}")
         if head_dim % 64:
             raise ValueError(f"head_dim must be a multiple of 64 (head dim 64), got {head_dim}")
         if ar_dim % ar_heads or (ar_dim // ar_heads) % 4:
@@ -524,7 +528,8 @@ class FlowAR(nn.Module):
                            head_dim=head_dim, head_block=head_block, mlp_ratio=mlp_ratio,
                            class_dropout=class_dropout, attn_dropout=attn_dropout,
                            proj_dropout=proj_dropout, rope_theta=rope_theta,
-                           grad_checkpointing=grad_checkpointing, scale_weighting=scale_weighting)
+                           grad_checkpointing=grad_checkpointing, scale_weighting=scale_weighting,
+                           init=init)
         self.scales = scales_hw
         self.latent_channels = latent_channels
         self.num_classes = num_classes
@@ -557,7 +562,7 @@ class FlowAR(nn.Module):
 
         self.register_buffer('attn_mask', block_causal_mask(scales_hw), persistent=False)  # (L, L)
         self.register_buffer('positions', token_positions(scales_hw), persistent=False)    # (L, 2)
-        self.initialize_weights()
+        self.initialize_weights(init)
 
     @classmethod
     def from_preset(cls, name, **overrides):
@@ -570,10 +575,16 @@ class FlowAR(nn.Module):
         cfg.update(overrides)
         return cls(**cfg)
 
-    def initialize_weights(self):
+    def initialize_weights(self, init='released'):
         """Released initialisation: every Linear xavier-uniform with zero bias (the head's
         final layer and the adaLN gates included: nothing is zero-initialised, unlike DiT),
-        position and class embeddings N(0, 0.02)."""
+        position and class embeddings N(0, 0.02).
+
+        init='adaln-zero' (an option of this code, not released): DiT's adaLN-Zero (Peebles
+        & Xie 2023, Sec. 3.2) on top, i.e. every adaLN modulation Linear (AR blocks, head
+        blocks, final layer) and the head's output Linear start at zero, so every block
+        starts as the identity and the head predicts v = 0. It trains faster in short runs.
+        """
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -582,6 +593,15 @@ class FlowAR(nn.Module):
         for p in (self.encoder_pos_embed_learned, self.decoder_pos_embed_learned,
                   self.diffusion_pos_embed_learned, self.class_emb.weight):
             nn.init.normal_(p, std=0.02)
+        if init == 'adaln-zero':
+            zero = [self.flownet.final_layer.linear, self.flownet.final_layer.adaLN_modulation[-1]]
+            for blk in list(self.encoder_blocks) + list(self.decoder_blocks):
+                zero.append(blk.ada_lin[-1])
+            for blk in self.flownet.res_blocks:
+                zero += [blk.ada_lin] if hasattr(blk, 'ada_lin') else [blk.ada_lin_attn, blk.ada_lin_mlp]
+            for m in zero:
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
 
     # ---- Eq. 6: T([C, Up(s^1), ..., Up(s^{n-1})]) ------------------------------------
 
@@ -734,7 +754,7 @@ class FlowAR(nn.Module):
                 n1 = sl.stop
                 x_in = self.class_emb(labels_in)[:, None].expand(-1, n1, -1)          # (B', n1, D)
             else:
-                prev = maps[-1] if not use_cfg else torch.cat([maps[-1], maps[-1]])  # cond map to both halves
+                prev = maps[-1] if not use_cfg else torch.cat([maps[-1], maps[-1]])  # the cond map to both halves
                 up = upsample_to_next(prev.to(dtype), self.scales[-1], hw)
                 x_in = self.z_proj(tokens_from_map(up))                              # (B', N_i, D)
             s_hat = self.transformer(x_in, labels_in, start=sl.start, caches=caches)  # (B', N_i, D)
@@ -742,28 +762,28 @@ class FlowAR(nn.Module):
             pos = self.positions[sl]
             N = sl.stop - sl.start
 
-            # Flow matching: Euler from noise (t = 1) to data (t = 0), shared noise for
-            # the conditional and unconditional halves.
+            # Flow matching: Euler from noise (t = 1) to data (t = 0). Only the conditional
+            # state x (B, N, C) is carried. A guided step evaluates the head on [x; x] with
+            # the conditional and the unconditional semantics and combines the two
+            # velocities (RELEASED: both CFG halves are evaluated at the conditional state);
+            # an unguided step, or a scale whose weight is 1, evaluates the conditional
+            # half only (the released code also evaluates the unconditional half there,
+            # but its result never reaches the output).
             noise = torch.randn(B, N, self.latent_channels, generator=generator,
                                 device=gen_device, dtype=torch.float64).to(device)
             w_i = weights[i]
 
             def velocity(x, t):
-                guided = use_cfg and t <= guidance  # the guidance interval (released)
-                if guided:  # both halves are evaluated at the conditional state (released)
-                    x = torch.cat([x[:B], x[:B]])
-                xb = x.to(dtype)
-                tb = torch.full((xb.shape[0],), t, device=device, dtype=dtype)
-                v = self.flownet(xb, tb, s_hat, pos)
-                if guided:  # v = v_u + w * (v_c - v_u), given to both halves
-                    v_c, v_u = v.chunk(2)
-                    v_g = v_u + w_i * (v_c - v_u)
-                    v = torch.cat([v_g, v_g])
-                return v
+                xb = x.to(dtype)                                           # (B, N, C)
+                if use_cfg and w_i != 1.0 and t <= guidance:               # the guidance interval
+                    tb = torch.full((2 * B,), t, device=device, dtype=dtype)
+                    v_c, v_u = self.flownet(torch.cat([xb, xb]), tb, s_hat, pos).chunk(2)
+                    return v_u + w_i * (v_c - v_u)                         # CFG combination
+                tb = torch.full((B,), t, device=device, dtype=dtype)
+                return self.flownet(xb, tb, s_hat[:B], pos)
 
-            x0 = noise if not use_cfg else torch.cat([noise, noise])
-            x = euler_integrate(velocity, x0, ts)                          # (B', N_i, C) float64
-            maps.append(map_from_tokens(x[:B].to(dtype), hw))              # only the conditional half goes on
+            x = euler_integrate(velocity, noise, ts)                       # (B, N_i, C) float64
+            maps.append(map_from_tokens(x.to(dtype), hw))
 
         out = maps[-1]
         if return_details:

@@ -326,15 +326,56 @@ class _RecordingHead(torch.nn.Module):
 
 def test_guided_steps_evaluate_both_halves_at_the_conditional_state():
     # Released sampler: inside the guidance interval both CFG halves are evaluated at the
-    # conditional state; outside it each half follows its own velocity.
+    # conditional state. Outside it (and at the first scale, whose CFG weight is 1) only the
+    # conditional half is evaluated: the unconditional one would never reach the output.
     model = tiny_model()
     model.flownet = _RecordingHead(model.flownet)
     model.sample(torch.tensor([1, 2]), num_steps=10, cfg=3.0, guidance=0.5,
                  generator=torch.Generator().manual_seed(0))
-    guided = [x for t, x in model.flownet.calls if t <= 0.5]
-    free = [x for t, x in model.flownet.calls[1:] if t > 0.5]  # after the first step
-    assert guided and all(torch.equal(x[:2], x[2:]) for x in guided)
-    assert free and any(not torch.allclose(x[:2], x[2:]) for x in free)
+    calls = model.flownet.calls
+    per_scale = len(calls) // len(model.scales)
+    rest = calls[per_scale:]                                    # scales 2.. (weight > 1)
+    guided = [x for t, x in rest if t <= 0.5]
+    free = [x for t, x in calls[:per_scale]] + [x for t, x in rest if t > 0.5]
+    assert guided and all(x.shape[0] == 4 and torch.equal(x[:2], x[2:]) for x in guided)
+    assert free and all(x.shape[0] == 2 for x in free)
+
+
+class _SemanticsHead(torch.nn.Module):
+    """A flow head with a known output: the velocity is the first C channels of the
+    semantics, whatever x and t are (so the conditional and unconditional velocities are
+    known from the AR Transformer alone)."""
+
+    def __init__(self, C):
+        super().__init__()
+        self.C = C
+
+    def forward(self, x, t, semantics, pos):
+        return semantics[..., :self.C].to(x.dtype)
+
+
+@pytest.mark.parametrize('cfg, guidance', [(3.0, 0.5), (2.0, 1.0), (1.0, 1.0)])
+def test_cfg_combination_guidance_interval_and_euler_direction(cfg, guidance):
+    # With v_c, v_u constant in t, Euler from t = 1 to 0 gives exactly
+    #   x_0 = noise - (sum of guided |dt|) * (v_u + w_i (v_c - v_u)) - (sum of other |dt|) * v_c
+    # at scale i, w_i = cfg_schedule(...)[i]. This pins the sign of the CFG combination,
+    # the guidance interval (t <= guidance), the per-scale weight and the time direction.
+    model = tiny_model()
+    model.flownet = _SemanticsHead(model.latent_channels)
+    labels, num_steps = torch.tensor([1, 3]), 8
+    z, info = model.sample(labels, num_steps=num_steps, cfg=cfg, guidance=guidance,
+                           generator=torch.Generator().manual_seed(5), return_details=True)
+    v_c = model.semantics(info['maps'], labels)[..., :4].double()                # (B, L, C)
+    v_u = model.semantics(info['maps'], torch.full_like(labels, 10))[..., :4].double()
+    ts = flowar.euler_time_grid(num_steps).tolist()
+    g = torch.Generator().manual_seed(5)
+    for i, (sl, w) in enumerate(zip(model.slices, flowar.cfg_schedule(len(model.scales), cfg))):
+        noise = torch.randn(2, sl.stop - sl.start, 4, generator=g, dtype=torch.float64)
+        guided_dt = sum(a - b for a, b in zip(ts, ts[1:]) if a <= guidance and w != 1.0)
+        v_g = v_u[:, sl] + w * (v_c[:, sl] - v_u[:, sl])
+        expect = noise - guided_dt * v_g - (1.0 - guided_dt) * v_c[:, sl]
+        got = flowar.tokens_from_map(info['maps'][i]).double()
+        assert (got - expect).abs().max() < 1e-5, (i, (got - expect).abs().max())
 
 
 def test_unconditional_sampling_and_bad_labels():
@@ -464,6 +505,34 @@ def test_ema_update():
     before = a.weight.clone()
     train.update_ema(a, b, 0.9)
     assert torch.allclose(a.weight, 0.9 * before + 0.1 * b.weight)
+
+
+def test_ema_decay_warms_up_and_forgets_the_initial_weights():
+    # The weights jump from w0 (the random init the EMA starts from) to w1 and stay there.
+    # After 60 steps the EMA must be within 2% of w1: a constant decay of 0.999 would still
+    # hold 0.999^60 = 94% of w0 (the toy-run bug: 0.999^1405 = 25% of the init was sampled).
+    torch.manual_seed(0)
+    ema, model = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+    w0, w1 = ema.weight.detach().clone(), model.weight.detach().clone()
+    for step in range(60):
+        train.update_ema(ema, model, train.ema_decay(0.999, step))
+    assert (ema.weight - w1).norm() <= 0.02 * (w1 - w0).norm()
+    # The schedule: (1 + t) / (10 + t), capped at the configured decay.
+    assert train.ema_decay(0.999, 0) == pytest.approx(0.1)
+    assert train.ema_decay(0.999, 90) == pytest.approx(0.91)
+    assert train.ema_decay(0.9999, 250_000) == 0.9999 and train.ema_decay(0.999, 9_000) == 0.999
+
+
+def test_ema_of_a_short_training_run_is_close_to_the_trained_weights(toy_setup, tmp_path):
+    # Through train.main: after 30 steps with --ema 0.999 the EMA is near the trained
+    # weights, not near the initialisation (with a constant 0.999 it would be 97% init).
+    _, vae_path = toy_setup
+    ck = _run_train(tmp_path / 'ema', vae_path, '--max-steps', '30', '--ema', '0.999')
+    torch.manual_seed(0)  # train.main's initialisation
+    init = FlowAR(**ck['config']['model']).state_dict()
+    num = sum((ck['ema'][k] - ck['model'][k]).float().norm() ** 2 for k in init) ** 0.5
+    den = sum((ck['model'][k] - init[k]).float().norm() ** 2 for k in init) ** 0.5
+    assert den > 0 and num / den < 0.5, (num / den).item()
 
 
 @pytest.fixture(scope='module')
@@ -1139,3 +1208,90 @@ def test_smp_make_grid_layout():
     assert g.shape == (3 * 3 + 1, 2 * 4 + 1, 3)
     assert (g[1:3, 1:4] == 0).all() and (g[1:3, 5:8] == 1).all() and (g[7:9, 1:4] == 4).all()
     assert (g[7:9, 5:8] == 255).all()  # the empty sixth cell stays padding
+
+
+# ---------------------------------------------------------------------------------------
+# metrics.py: the toy metric (CIFAR-10 classifier + Frechet distance) and FID / IS
+# ---------------------------------------------------------------------------------------
+
+import metrics
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(500, 6))
+    mu, sigma = metrics.feature_statistics(f)
+    assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-9          # FD(a, a) = 0
+    # Diagonal covariances: |mu1 - mu2|^2 + sum (sqrt(s1) - sqrt(s2))^2.
+    m1, m2, s1, s2 = rng.normal(size=6), rng.normal(size=6), rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
+    expect = ((m1 - m2) ** 2).sum() + ((np.sqrt(s1) - np.sqrt(s2)) ** 2).sum()
+    got = metrics.frechet_distance(m1, np.diag(s1), m2, np.diag(s2))
+    assert got == pytest.approx(expect, rel=1e-9)
+    # Non-commuting full covariances: symmetric, and equal to the formula with
+    # Tr((S1 S2)^(1/2)) from the eigenvalues of S1 S2 (real and >= 0, since it is similar
+    # to a PSD matrix).
+    a, b = rng.normal(size=(6, 6)), rng.normal(size=(6, 6))
+    S1, S2 = a @ a.T + 0.1 * np.eye(6), b @ b.T + 0.1 * np.eye(6)
+    tr = np.sqrt(np.linalg.eigvals(S1 @ S2).real.clip(0)).sum()
+    expect = ((m1 - m2) ** 2).sum() + np.trace(S1) + np.trace(S2) - 2 * tr
+    assert metrics.frechet_distance(m1, S1, m2, S2) == pytest.approx(expect, rel=1e-8)
+    assert metrics.frechet_distance(m2, S2, m1, S1) == pytest.approx(expect, rel=1e-8)
+    with pytest.raises(ValueError, match='shapes'):
+        metrics.frechet_distance(m1, S1, m2[:5], S2[:5, :5])
+
+
+def test_blur_through_is_area_down_bicubic_up():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    assert np.array_equal(metrics.blur_through(x, 32), x)               # no bottleneck: identity
+    flat = np.full((1, 32, 32, 3), 77, np.uint8)
+    assert np.array_equal(metrics.blur_through(flat, 4), flat)          # a constant survives
+    b8 = metrics.blur_through(x, 8).astype(float)
+    # The 8x8 block means survive (area down of the blurred image ~ area down of the image).
+    down = lambda im: im.reshape(-1, 8, 4, 8, 4, 3).mean(axis=(2, 4))
+    assert np.abs(down(b8) - down(x.astype(float))).mean() < 12
+    assert np.abs(b8 - x).mean() > 40                                   # and the detail is gone
+
+
+class _FixedClassifier(torch.nn.Module):
+    """Logits = the mean colour of the image (3 classes: red, green, blue dominant)."""
+
+    def forward(self, x):
+        f = x.float().mean(dim=(2, 3))                                   # (B, 3)
+        return f, f
+
+
+def test_score_counts_the_conditioning_labels_and_measures_fd():
+    imgs = np.zeros((6, 32, 32, 3), np.uint8)
+    for i in range(6):
+        imgs[i, ..., i % 3] = 200 + i                                    # image i is colour i % 3
+    labels = np.array([0, 1, 2, 0, 1, 0])                                # the last one is wrong
+    mu, sigma = metrics.feature_statistics(np.random.default_rng(0).normal(size=(50, 3)))
+    r = metrics.score(_FixedClassifier(), imgs, labels, (mu, sigma))
+    assert r['acc'] == pytest.approx(5 / 6) and r['n'] == 6
+    _, feats = metrics.classify(_FixedClassifier(), imgs)
+    assert r['fd'] == pytest.approx(metrics.frechet_distance(*metrics.feature_statistics(feats), mu, sigma))
+
+
+def test_classifier_learns_shapes_in_one_epoch():
+    x, y = data.make_shapes(1200, seed=0)
+    xt, yt = data.make_shapes(300, seed=1)
+    model, acc = metrics.train_classifier(x, y, xt, yt, epochs=2, batch_size=64, lr=0.1, log=lambda *a: None)
+    logits, feats = metrics.classify(model, xt)
+    assert logits.shape == (300, 10) and feats.shape == (300, 128)
+    assert acc == float((logits.argmax(1) == yt).mean()) and acc > 0.5  # chance is 0.1
+
+
+def test_cached_cifar_classifier_reaches_85_percent_on_the_test_set():
+    path = Path(metrics.DEFAULT_CLASSIFIER)
+    if not path.is_file():
+        pytest.skip(f"{path} not found: `python metrics.py train-classifier` makes it (minutes)")
+    if not (_VD_CIFAR_ROOT / 'cifar-10-batches-py').is_dir():
+        pytest.skip(f"real CIFAR-10 not found under {_VD_CIFAR_ROOT}")
+    model, ck = metrics.load_classifier(str(path))
+    xte, yte = data.load_cifar10(str(_VD_CIFAR_ROOT), train=False)
+    acc = metrics.accuracy(model, xte, yte)
+    assert acc >= 0.85 and acc == pytest.approx(ck['test_acc'], abs=1e-6)
+    calib = ck['calibration']   # the calibration rows are ordered as the metric promises
+    assert calib['real train images']['acc'] > calib['real, blurred 8x8']['acc'] > calib['uniform noise']['acc']
+    assert calib['real train images']['fd'] < calib['real, blurred 8x8']['fd'] < calib['real, blurred 4x4']['fd']

@@ -57,7 +57,7 @@ _IMAGENET = dict(
     min_lr=1e-5, epochs=400.0, warmup_epochs=100.0, max_steps=0,
     weight_decay=0.02, beta1=0.9, beta2=0.95, grad_clip=3.0, ema=0.9999, label_drop=0.1,
     grad_ckpt=False, precision='fp32', compile=False, scale_weighting='tokens',
-    vae_max_steps=0, vae_batch_size=64, cache_batch_size=64,
+    init='released', t_sampling='uniform', vae_max_steps=0, vae_batch_size=64, cache_batch_size=64,
     log_every=100, ckpt_every=5000, sample_every=0, num_sample_classes=10,
     seed=0, device='',
 )
@@ -71,7 +71,7 @@ PRESETS = {
         blr=0.0, lr=2e-3, min_lr=1e-5, epochs=1.8, warmup_epochs=0.1, max_steps=0,
         weight_decay=0.02, beta1=0.9, beta2=0.95, grad_clip=3.0, ema=0.999, label_drop=0.1,
         grad_ckpt=False, precision='fp32', compile=False, scale_weighting='tokens',
-        vae_max_steps=850, vae_batch_size=64, cache_batch_size=256,
+        init='released', t_sampling='uniform', vae_max_steps=850, vae_batch_size=64, cache_batch_size=256,
         log_every=50, ckpt_every=500, sample_every=0, num_sample_classes=10,
         seed=0, device='',
     ),
@@ -102,12 +102,14 @@ HELP = {
     'weight_decay': 'AdamW weight decay (not on 1-D parameters and biases)',
     'beta1': 'AdamW beta1', 'beta2': 'AdamW beta2',
     'grad_clip': 'clip the gradient norm to this (0 = off)',
-    'ema': 'EMA decay of the weights used for sampling',
+    'ema': 'EMA decay of the weights used for sampling (reached after a warm-up, see ema_decay)',
     'label_drop': 'probability of replacing the label by the null class (for CFG)',
     'grad_ckpt': 'gradient checkpointing of the AR blocks (saves memory for L and H)',
     'precision': 'fp32 or bf16 (autocast; the authors report NaNs with mixed precision)',
     'compile': 'torch.compile the model',
     'scale_weighting': "loss weight of each scale: 'tokens' (released, h*w / (H*W)) or 'uniform' (Eq. 9's plain sum)",
+    'init': "weight init: 'released' (xavier everywhere) or 'adaln-zero' (DiT: zero adaLN and output layers)",
+    't_sampling': "training time steps t per scale: 'uniform' (released) or 'logit-normal' (sigmoid of N(0, 1), SD3)",
     'vae_max_steps': 'training steps of the small VAE (toy pipeline, when no --vae is given)',
     'vae_batch_size': 'batch size of the VAE training',
     'cache_batch_size': 'batch size when encoding images into the latent cache',
@@ -155,6 +157,8 @@ def parse_args(argv=None):
         (cfg['grad_clip'] >= 0, "--grad-clip must be >= 0"),
         (cfg['precision'] in ('fp32', 'bf16'), "--precision must be fp32 or bf16"),
         (cfg['scale_weighting'] in ('tokens', 'uniform'), "--scale-weighting must be tokens or uniform"),
+        (cfg['init'] in ('released', 'adaln-zero'), "--init must be released or adaln-zero"),
+        (cfg['t_sampling'] in ('uniform', 'logit-normal'), "--t-sampling must be uniform or logit-normal"),
         (cfg['vae_max_steps'] >= 0, "--vae-max-steps must be >= 0"),
         (cfg['log_every'] > 0 and cfg['ckpt_every'] > 0 and cfg['sample_every'] >= 0,
          "--log-every and --ckpt-every must be > 0, --sample-every >= 0"),
@@ -193,6 +197,22 @@ def param_groups(model, weight_decay):
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
+def ema_decay(decay, step):
+    """The EMA decay used at optimizer step `step` (0, 1, 2, ...): min(decay, (1 + step) /
+    (10 + step)), the warm-up of TensorFlow's ExponentialMovingAverage(num_updates=step).
+
+    Why: the EMA starts from the random initial weights, and with a constant decay d their
+    share after T steps is d^T (0.999^1405 = 0.25 in a short toy run: a quarter of the
+    sampled model would still be noise). With the warm-up the share is prod_t (1 + t) /
+    (10 + t) ~ 9! / T^9, negligible after a few dozen steps, and the average covers roughly
+    the last 10% of the steps until the warm-up reaches `decay` (step 8,990 for 0.999,
+    89,990 for 0.9999). The ImageNet recipe (0.9999, 250k steps) is unchanged in effect: its
+    last 160k steps run at 0.9999, which leaves 0.9999^160000 ~ 1e-7 of the warm-up period.
+    Neither the paper nor the released code warms up the EMA (they train 400 epochs).
+    """
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay):
     """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
@@ -206,15 +226,17 @@ def epoch_order(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def sample_randomness(seed, step, global_index, latent_shape, num_scales, scales):
+def sample_randomness(seed, step, global_index, latent_shape, num_scales, scales, t_sampling='uniform'):
     """Everything random about one training sample at one step, from its own generator:
     flip (pick plain or flipped moments), posterior eps, t per scale, flow noise per scale,
-    and the label-dropout draw."""
+    and the label-dropout draw. t is uniform on [0, 1] (paper and released code) or
+    logit-normal, sigmoid(n) with n ~ N(0, 1) (Esser et al. 2024, SD3, Sec. 3.1), which
+    puts more training on the middle of the path."""
     g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_003 + global_index)
     C, H, W = latent_shape
     flip = int(torch.randint(0, 2, (), generator=g))
     eps_post = torch.randn(C, H, W, generator=g)
-    t = torch.rand(num_scales, generator=g)
+    t = torch.rand(num_scales, generator=g) if t_sampling == 'uniform' else torch.sigmoid(torch.randn(num_scales, generator=g))
     noise = [torch.randn(C, h, w, generator=g) for h, w in scales]
     drop = float(torch.rand((), generator=g))
     return flip, eps_post, t, noise, drop
@@ -229,7 +251,8 @@ def make_batch(ds, indices, global_offset, cfg, step, model_cfg, device):
     z, ts, noise, keep = [], [], [[] for _ in scales], []
     for j in range(len(indices)):
         flip, eps, t, nz, drop = sample_randomness(cfg['seed'], step, global_offset + j,
-                                                   (C, *moments.shape[-2:]), len(scales), scales)
+                                                   (C, *moments.shape[-2:]), len(scales), scales,
+                                                   cfg.get('t_sampling', 'uniform'))
         mean, logvar = moments[j, flip].chunk(2, dim=0)        # (C, h, w) each
         z.append((mean + torch.exp(0.5 * logvar) * eps) * ds.scale_factor)  # posterior sample
         ts.append(t)
@@ -393,7 +416,7 @@ def main(argv=None):
                                       scales=_default_scales(cfg['model'], ds.latent_shape),
                                       num_classes=len(class_names), class_dropout=cfg['label_drop'],
                                       grad_checkpointing=cfg['grad_ckpt'],
-                                      scale_weighting=cfg['scale_weighting']).to(device)
+                                      scale_weighting=cfg['scale_weighting'], init=cfg['init']).to(device)
     model.preset_name = cfg['model']
     model_cfg = model.config
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -488,7 +511,7 @@ def main(argv=None):
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'] or float('inf'))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        update_ema(ema, model, cfg['ema'])
+        update_ema(ema, model, ema_decay(cfg['ema'], step))  # warm-up: see ema_decay
         step += 1
         n_log += B
 
