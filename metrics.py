@@ -23,9 +23,12 @@ Only torch, numpy and pillow are used.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import torch
@@ -284,6 +287,335 @@ def score_table(results, calib):
     return '\n'.join(lines)
 
 
+# =======================================================================================
+# 2. ImageNet: FID and Inception Score with the pytorch-fid Inception-v3.
+#
+# The network is Inception-v3 (Szegedy et al. 2016, "Rethinking the Inception architecture
+# for computer vision") as in the TF graph inception-2015-12-05 that the original FID
+# (Heusel et al. 2017) and IS (Salimans et al. 2016) code used, ported to PyTorch by
+# pytorch-fid (github.com/mseitzer/pytorch-fid, src/pytorch_fid/inception.py). It is
+# torchvision's Inception3 (1008-way fc, no aux logits) with pytorch-fid's patches:
+#   - the avg pools in Mixed_5b-d, Mixed_6b-e and Mixed_7b ignore padded zeros
+#     (count_include_pad=False, as TF's AvgPool does): FIDInceptionA / C / E_1;
+#   - Mixed_7c pools with max instead of avg in its pool branch: FIDInceptionE_2.
+# Module names match pytorch-fid's weights file pt_inception-2015-12-05-6726825d.pth key by
+# key (e.g. 'Mixed_5b.branch1x1.conv.weight', 'fc.weight' (1008, 2048)), so it loads as is:
+# 94 conv+BN units, 23,850,960 parameters, 566 state-dict entries (472 without the 94
+# BatchNorm 'num_batches_tracked' counters, which play no role in eval mode).
+#
+#     python -c "import metrics; metrics.download_inception('weights/pt_inception-2015-12-05-6726825d.pth')"
+# =======================================================================================
+
+INCEPTION_FILE = 'pt_inception-2015-12-05-6726825d.pth'
+INCEPTION_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + INCEPTION_FILE
+
+
+class _Conv(nn.Module):
+    """torchvision's BasicConv2d: conv (no bias) -> BatchNorm (eps 1e-3, TF's) -> relu."""
+
+    def __init__(self, cin, cout, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel_size, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def _avg3(x):
+    # TF's 3x3 / stride 1 / SAME avg pool averages only the real pixels at the border
+    return F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+
+
+class _InceptionA(nn.Module):
+    """35x35 block (Szegedy et al. Fig. 5), pytorch-fid's FIDInceptionA: (B, cin, 35, 35) ->
+    (B, 224 + pool_features, 35, 35)."""
+
+    def __init__(self, cin, pool_features):
+        super().__init__()
+        self.branch1x1 = _Conv(cin, 64, 1)
+        self.branch5x5_1, self.branch5x5_2 = _Conv(cin, 48, 1), _Conv(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = _Conv(cin, 64, 1)
+        self.branch3x3dbl_2 = _Conv(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = _Conv(96, 96, 3, padding=1)
+        self.branch_pool = _Conv(cin, pool_features, 1)
+
+    def forward(self, x):
+        return torch.cat([self.branch1x1(x),                                   # 64
+                          self.branch5x5_2(self.branch5x5_1(x)),               # 64
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),  # 96
+                          self.branch_pool(_avg3(x))], 1)                     # pool_features
+
+
+class _InceptionB(nn.Module):
+    """Grid reduction 35 -> 17 (Mixed_6a): (B, 288, 35, 35) -> (B, 768, 17, 17)."""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3 = _Conv(cin, 384, 3, stride=2)
+        self.branch3x3dbl_1 = _Conv(cin, 64, 1)
+        self.branch3x3dbl_2 = _Conv(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = _Conv(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        return torch.cat([self.branch3x3(x),                                   # 384
+                          self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),  # 96
+                          F.max_pool2d(x, 3, stride=2)], 1)                    # cin = 288
+
+
+class _InceptionC(nn.Module):
+    """17x17 block with factorised 7x7 convs (Fig. 6), pytorch-fid's FIDInceptionC:
+    (B, 768, 17, 17) -> (B, 768, 17, 17)."""
+
+    def __init__(self, cin, c7):
+        super().__init__()
+        h, v = dict(kernel_size=(1, 7), padding=(0, 3)), dict(kernel_size=(7, 1), padding=(3, 0))
+        self.branch1x1 = _Conv(cin, 192, 1)
+        self.branch7x7_1, self.branch7x7_2, self.branch7x7_3 = _Conv(cin, c7, 1), _Conv(c7, c7, **h), _Conv(c7, 192, **v)
+        self.branch7x7dbl_1 = _Conv(cin, c7, 1)
+        self.branch7x7dbl_2, self.branch7x7dbl_3 = _Conv(c7, c7, **v), _Conv(c7, c7, **h)
+        self.branch7x7dbl_4, self.branch7x7dbl_5 = _Conv(c7, c7, **v), _Conv(c7, 192, **h)
+        self.branch_pool = _Conv(cin, 192, 1)
+
+    def forward(self, x):
+        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        d = x
+        for k in range(1, 6):
+            d = getattr(self, f'branch7x7dbl_{k}')(d)
+        return torch.cat([self.branch1x1(x), b7, d, self.branch_pool(_avg3(x))], 1)  # 4 x 192
+
+
+class _InceptionD(nn.Module):
+    """Grid reduction 17 -> 8 (Mixed_7a): (B, 768, 17, 17) -> (B, 1280, 8, 8)."""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.branch3x3_1, self.branch3x3_2 = _Conv(cin, 192, 1), _Conv(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = _Conv(cin, 192, 1)
+        self.branch7x7x3_2 = _Conv(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = _Conv(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = _Conv(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        b7 = self.branch7x7x3_4(self.branch7x7x3_3(self.branch7x7x3_2(self.branch7x7x3_1(x))))
+        return torch.cat([self.branch3x3_2(self.branch3x3_1(x)),              # 320
+                          b7,                                                  # 192
+                          F.max_pool2d(x, 3, stride=2)], 1)                    # cin = 768
+
+
+class _InceptionE(nn.Module):
+    """8x8 block with expanded 1x3 / 3x1 outputs (Fig. 7): (B, cin, 8, 8) -> (B, 2048, 8, 8).
+    max_pool=False: pytorch-fid's FIDInceptionE_1 (Mixed_7b, avg pool without the padded
+    zeros); True: FIDInceptionE_2 (Mixed_7c, max pool, as in the TF graph)."""
+
+    def __init__(self, cin, max_pool):
+        super().__init__()
+        self.max_pool = max_pool
+        self.branch1x1 = _Conv(cin, 320, 1)
+        self.branch3x3_1 = _Conv(cin, 384, 1)
+        self.branch3x3_2a = _Conv(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = _Conv(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1, self.branch3x3dbl_2 = _Conv(cin, 448, 1), _Conv(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = _Conv(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = _Conv(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = _Conv(cin, 192, 1)
+
+    def forward(self, x):
+        a = self.branch3x3_1(x)
+        d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        p = F.max_pool2d(x, 3, stride=1, padding=1) if self.max_pool else _avg3(x)
+        return torch.cat([self.branch1x1(x),                                   # 320
+                          self.branch3x3_2a(a), self.branch3x3_2b(a),          # 384 + 384
+                          self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d),    # 384 + 384
+                          self.branch_pool(p)], 1)                             # 192
+
+
+class FIDInceptionV3(nn.Module):
+    """pytorch-fid's Inception-v3. forward(x): x float (B, 3, H, W) in [0, 1], any H, W ->
+    (pool features (B, 2048), logits (B, 1008)).
+
+    The image is resized to 299x299 (bilinear, align_corners=False) and mapped to [-1, 1],
+    as pytorch-fid's InceptionV3(resize_input=True, normalize_input=True). Features: the
+    final average pool (FID's 'pool3'). Logits: features @ fc.weight.T WITHOUT fc.bias, as
+    the original IS code (Salimans et al. 2016, openai/improved-gan inception_score.py,
+    which multiplies pool3 by the 'softmax/logits/MatMul' weights) and torch-fidelity's
+    'logits_unbiased'; self.fc(features) gives the biased ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = _Conv(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = _Conv(32, 32, 3)
+        self.Conv2d_2b_3x3 = _Conv(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = _Conv(64, 80, 1)
+        self.Conv2d_4a_3x3 = _Conv(80, 192, 3)
+        self.Mixed_5b = _InceptionA(192, pool_features=32)
+        self.Mixed_5c = _InceptionA(256, pool_features=64)
+        self.Mixed_5d = _InceptionA(288, pool_features=64)
+        self.Mixed_6a = _InceptionB(288)
+        self.Mixed_6b = _InceptionC(768, c7=128)
+        self.Mixed_6c = _InceptionC(768, c7=160)
+        self.Mixed_6d = _InceptionC(768, c7=160)
+        self.Mixed_6e = _InceptionC(768, c7=192)
+        self.Mixed_7a = _InceptionD(768)
+        self.Mixed_7b = _InceptionE(1280, max_pool=False)
+        self.Mixed_7c = _InceptionE(2048, max_pool=True)
+        self.fc = nn.Linear(2048, 1008)      # 1000 ImageNet classes + 8 unused outputs of the TF graph
+
+    def forward(self, x):
+        x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
+        x = 2 * x - 1                                                 # (B, 3, 299, 299) in [-1, 1]
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
+        x = F.max_pool2d(x, 3, stride=2)                              # (B, 64, 73, 73)
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))                 # (B, 192, 71, 71)
+        x = F.max_pool2d(x, 3, stride=2)                              # (B, 192, 35, 35)
+        for name in ['Mixed_5b', 'Mixed_5c', 'Mixed_5d',              # (B, 288, 35, 35)
+                     'Mixed_6a', 'Mixed_6b', 'Mixed_6c', 'Mixed_6d', 'Mixed_6e',  # (B, 768, 17, 17)
+                     'Mixed_7a', 'Mixed_7b', 'Mixed_7c']:             # (B, 2048, 8, 8)
+            x = getattr(self, name)(x)
+        f = x.mean((2, 3))                                            # (B, 2048) pool3
+        return f, f @ self.fc.weight.T                                # (B, 2048), (B, 1008)
+
+
+def _inception_where_to_get(path):
+    return (f"Expected pytorch-fid's Inception weights {INCEPTION_FILE} at {os.path.abspath(path)!r}; "
+            f"get them from {INCEPTION_URL}, e.g. with: python -c \"import metrics; "
+            f"metrics.download_inception({path!r})\"")
+
+
+def load_inception(path, device='cpu'):
+    """FIDInceptionV3 with the weights in path (pytorch-fid's file), eval mode, no grads.
+    Strict, except that the BatchNorm 'num_batches_tracked' counters may be missing or
+    extra (they are unused in eval mode, and their presence depends on the torch version
+    that wrote the file); any other missing, extra or misshaped entry is an error."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no file {path!r}. {_inception_where_to_get(path)}")
+    model = FIDInceptionV3()
+    try:
+        sd = torch.load(path, map_location='cpu', weights_only=True)
+        missing, unexpected = model.load_state_dict(sd, strict=False)   # shapes are still checked
+    except Exception as e:
+        raise RuntimeError(f"could not load {path!r} into FIDInceptionV3 ({e}). "
+                           f"{_inception_where_to_get(path)}") from e
+    missing = [k for k in missing if not k.endswith('num_batches_tracked')]
+    unexpected = [k for k in unexpected if not k.endswith('num_batches_tracked')]
+    if missing or unexpected:
+        raise RuntimeError(f"{path!r} does not match FIDInceptionV3: missing keys {missing}, "
+                           f"unexpected keys {unexpected}. {_inception_where_to_get(path)}")
+    return model.to(device).eval().requires_grad_(False)
+
+
+def _sha256(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(chunk), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download_inception(path, url=INCEPTION_URL, sha256_prefix='6726825d'):
+    """Download pytorch-fid's Inception weights (about 92 MB) to path. The bytes go to a
+    '.part' file, renamed only once complete and once its sha256 starts with sha256_prefix
+    (torch hub's convention: the 8 hex digits in the file name; None skips the check).
+    Returns path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + '.part'
+    print(f"[inception] downloading {url} -> {path}", flush=True)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, 'wb') as f:
+            total = int(resp.headers.get('Content-Length') or 0)
+            done, t0, t_print = 0, time.time(), 0.0
+            while True:
+                block = resp.read(1 << 20)
+                if not block:
+                    break
+                f.write(block)
+                done += len(block)
+                if time.time() - t_print > 1.0:     # one progress line per second at most
+                    t_print = time.time()
+                    rate = done / 1e6 / max(t_print - t0, 1e-9)
+                    tot = f"{total / 1e6:.1f}" if total else '?'
+                    print(f"\r[inception] {done / 1e6:.1f} / {tot} MB  {rate:.1f} MB/s", end='', flush=True)
+        print(f"\r[inception] {done / 1e6:.1f} MB downloaded in {time.time() - t0:.0f}s", flush=True)
+    except (urllib.error.URLError, OSError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise RuntimeError(f"could not download {url} ({e}). If this machine is offline, "
+                           f"copy {INCEPTION_FILE} to {os.path.abspath(path)!r} by hand") from e
+    got = _sha256(tmp)
+    if sha256_prefix is not None and not got.startswith(sha256_prefix):
+        os.remove(tmp)
+        raise ValueError(f"sha256 mismatch for the file downloaded from {url}: got {got}, expected "
+                         f"{sha256_prefix}...; the file was deleted")
+    os.replace(tmp, path)
+    return path
+
+
+@torch.no_grad()
+def inception_activations(model, images, batch_size=50, device='cpu', log_every=20):
+    """images uint8 (N, H, W, 3) -> (features (N, 2048), logits (N, 1008)), float64 numpy.
+    One progress line (rate, ETA) every log_every batches."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images (N, H, W, 3), got {images.dtype} {images.shape}")
+    model = model.to(device).eval()
+    feats, logits, t0 = [], [], time.time()
+    n_batches = -(-len(images) // batch_size)
+    for k in range(n_batches):
+        x = torch.from_numpy(images[k * batch_size:(k + 1) * batch_size]).to(device)
+        f, l = model(x.permute(0, 3, 1, 2).float() / 255)            # (b, 3, H, W) in [0, 1]
+        feats.append(f.double().cpu().numpy())
+        logits.append(l.double().cpu().numpy())
+        if (k + 1) % log_every == 0 or k + 1 == n_batches:
+            done = min((k + 1) * batch_size, len(images))
+            ips = done / max(time.time() - t0, 1e-9)
+            print(f"[inception] {done}/{len(images)} images  {ips:.1f} img/s  "
+                  f"ETA {(len(images) - done) / max(ips, 1e-9) / 60:.1f} min", flush=True)
+    return np.concatenate(feats), np.concatenate(logits)
+
+
+def save_reference_stats(features, path):
+    """Save the (mu, sigma) of features (N, 2048) as pytorch-fid's .npz ('mu', 'sigma').
+    Returns (mu, sigma)."""
+    mu, sigma = feature_statistics(features)
+    with open(path + '.part', 'wb') as f:      # a file object: np.savez adds no '.npz'
+        np.savez(f, mu=mu, sigma=sigma)
+    os.replace(path + '.part', path)
+    return mu, sigma
+
+
+def fid_from_features(features, ref):
+    """FID of features (N, 2048) against reference statistics: a path to an .npz or a dict
+    with 'mu' (2048,) and 'sigma' (2048, 2048) (pytorch-fid's format). Statistics made with
+    another extractor (e.g. the TF graph of ADM's evaluation suite) give close, not
+    identical, numbers."""
+    if isinstance(ref, (str, os.PathLike)):
+        with np.load(ref) as z:
+            ref = {'mu': z['mu'], 'sigma': z['sigma']}
+    mu, sigma = feature_statistics(features)
+    return frechet_distance(mu, sigma, ref['mu'], ref['sigma'])
+
+
+def inception_score(logits, splits=10):
+    """Inception Score (Salimans et al. 2016): IS = exp(E_x KL(p(y|x) || p(y))), with p(y)
+    the mean of p(y|x) over the split; computed on each of `splits` consecutive chunks of
+    logits (N, C) -> (mean, std) over the chunks, as openai/improved-gan. p(y|x) is the
+    softmax over all C = 1008 outputs (1000 ImageNet classes + 8 unused), as that code."""
+    logits = np.asarray(logits, np.float64)
+    n = len(logits)
+    if n < splits:
+        raise ValueError(f"{n} images for {splits} splits")
+    logp = logits - logits.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))               # log p(y|x), (N, C)
+    scores = []
+    for k in range(splits):
+        lp = logp[k * n // splits:(k + 1) * n // splits]
+        m = lp.max(0)
+        log_py = m + np.log(np.exp(lp - m).mean(0))                   # log p(y) = log mean_x p(y|x), (C,)
+        kl = (np.exp(lp) * (lp - log_py)).sum(1)                      # KL(p(y|x) || p(y)) per image
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
 # ---------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------
@@ -296,6 +628,14 @@ def main(argv=None):
     sc = sub.add_parser('score', help="score CIFAR-10 sample sets (.npz from sample.py)")
     sc.add_argument('npz', nargs='+', help="sample sets: arr_0 uint8 (N, 32, 32, 3) + labels")
     sc.add_argument('--json', help="also write the results here (one dict per set)")
+    fi = sub.add_parser('fid', help="ImageNet: FID against reference statistics and the Inception Score")
+    fi.add_argument('npz', help="sample set (arr_0 uint8 (N, H, W, 3)), e.g. 50,000 images from sample.py")
+    fi.add_argument('--inception', required=True, help=f"pytorch-fid's weights file {INCEPTION_FILE}")
+    fi.add_argument('--download', action='store_true', help="download --inception first if it is absent")
+    fi.add_argument('--ref', help="reference statistics .npz with 'mu' and 'sigma' (pytorch-fid format)")
+    fi.add_argument('--save-ref', help="instead: save the statistics of NPZ (e.g. real images) to this .npz")
+    fi.add_argument('--batch-size', type=int, default=50)
+    fi.add_argument('--device', default='cpu', help="cpu or cuda")
     for q in (tc, sc):
         q.add_argument('--classifier', default=DEFAULT_CLASSIFIER, help="the cached classifier")
         q.add_argument('--data-dir', default='data', help="folder with cifar-10-batches-py/ "
@@ -303,6 +643,8 @@ def main(argv=None):
         q.add_argument('--epochs', type=int, default=8, help="classifier training epochs")
         q.add_argument('--device', default='cpu', help="cpu or cuda")
     args = p.parse_args(argv)
+    if args.cmd == 'fid':
+        return fid_main(p, args)
     if args.epochs < 1:
         p.error("--epochs must be >= 1")
 
@@ -315,7 +657,10 @@ def main(argv=None):
     results = {}
     if args.cmd == 'score':
         for path in args.npz:
-            images, labels = load_npz(path)
+            try:
+                images, labels = load_npz(path)
+            except (FileNotFoundError, ValueError) as e:
+                p.error(str(e))
             if labels is None:
                 p.error(f"{path} holds no labels: the accuracy needs the conditioning classes")
             if images.shape[1:] != (32, 32, 3):
@@ -330,6 +675,34 @@ def main(argv=None):
         with open(args.json, 'w') as f:
             json.dump(dict(results=results, calibration=ck['calibration']), f, indent=1)
     return results
+
+
+def fid_main(p, args):
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    if not args.ref and not args.save_ref:
+        p.error("give --ref REF.npz (to compute FID) and/or --save-ref OUT.npz")
+    if not os.path.isfile(args.inception):
+        if not args.download:
+            p.error(f"{args.inception} not found: pass --download to fetch pytorch-fid's "
+                    f"{INCEPTION_FILE} ({INCEPTION_URL}) there, or copy it there by hand")
+        download_inception(args.inception)
+    model = load_inception(args.inception, args.device)
+    try:
+        images, _ = load_npz(args.npz)
+    except (FileNotFoundError, ValueError) as e:
+        p.error(str(e))
+    feats, logits = inception_activations(model, images, batch_size=args.batch_size, device=args.device)
+    if args.save_ref:
+        save_reference_stats(feats, args.save_ref)
+        print(f"saved the statistics of {len(feats)} images to {args.save_ref}")
+    result = dict(n=len(images))
+    if args.ref:
+        result['fid'] = fid_from_features(feats, args.ref)
+        result['is'], result['is_std'] = inception_score(logits)
+        print(f"{args.npz}: {len(images)} images  FID {result['fid']:.2f}  "
+              f"IS {result['is']:.2f} +- {result['is_std']:.2f}")
+    return result
 
 
 if __name__ == '__main__':
