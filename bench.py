@@ -235,7 +235,8 @@ def bench_sample(model, preset, batch, device, args):
         gen.manual_seed(0)
         with torch.no_grad(), autocast(device, args.bf16):
             model.sample(labels, num_steps=num_steps, cfg=settings['cfg'],
-                         guidance=settings['guidance'], generator=gen)
+                         guidance=settings['guidance'], cfg_ramp=settings.get('cfg_ramp', True),
+                         generator=gen)
 
     # Warm-up with 2 Euler steps (the minimum): it runs every shape of the real call (all
     # scales, AR step, flow head with and without guidance), which is what warming up is

@@ -350,8 +350,10 @@ def _refuse_other_vae(path, header, fingerprint):
 
 def build_latent_cache(vae, images_or_dataset, labels, path, *, scale_factor, batch_size=256,
                        device='cpu', rank=0, world_size=1, log_every=20, barrier=None,
-                       dataset_name='', num_workers=0, max_batches=None):
-    """Encode every image once (plain and flipped) into the cache folder `path`; resumable.
+                       dataset_name='', num_workers=0, max_batches=None, flips=True):
+    """Encode every image once (plain and, with flips=True, flipped) into the cache folder
+    `path`; resumable. flips=False halves the encoding time (the CPU toy trains < 2 epochs,
+    where the flip augmentation matters little).
 
     images_or_dataset: uint8 numpy (N, H, W, 3), or an ImageFolderDataset with
       train_aug=False (ADM center crop); labels: int array (N,), or None to take the
@@ -393,7 +395,7 @@ def build_latent_cache(vae, images_or_dataset, labels, path, *, scale_factor, ba
     fingerprint = vae_fingerprint(vae)
     header = dict(vae_fingerprint=fingerprint, vae_config=vae.config,
                   scale_factor=float(scale_factor), N=N, latent_shape=latent_shape,
-                  batch_size=batch_size, dataset=dataset_name)
+                  batch_size=batch_size, dataset=dataset_name, flips=bool(flips))
     mpath, lpath, dpath = (os.path.join(path, n) for n in ('moments.npy', 'labels.npy', 'done.npy'))
 
     # --- create (rank 0) or check an existing cache ---
@@ -401,14 +403,14 @@ def build_latent_cache(vae, images_or_dataset, labels, path, *, scale_factor, ba
         if os.path.isfile(os.path.join(path, 'header.json')):
             old = _read_header(path)
             _refuse_other_vae(path, old, fingerprint)
-            for k in ('N', 'latent_shape', 'batch_size', 'scale_factor'):
-                if old[k] != header[k]:
+            for k in ('N', 'latent_shape', 'batch_size', 'scale_factor', 'flips'):
+                if old.get(k, True) != header[k]:
                     raise ValueError(f"the latent cache {path!r} has {k}={old[k]}, this call "
                                      f"{header[k]}; pass the same value or delete the folder")
         else:
             os.makedirs(path, exist_ok=True)
             mm = np.lib.format.open_memmap(mpath, mode='w+', dtype=np.float32,
-                                           shape=(N, 2, 2 * C, latent_shape[1], latent_shape[2]))
+                                           shape=(N, 1 + bool(flips), 2 * C, latent_shape[1], latent_shape[2]))
             del mm
             np.save(lpath, labels)
             np.save(dpath, np.zeros(n_batches, dtype=bool))
@@ -446,9 +448,10 @@ def build_latent_cache(vae, images_or_dataset, labels, path, *, scale_factor, ba
         for k, (b, x) in enumerate(batches()):
             x = x.to(device)
             B = x.shape[0]
-            post = vae.encode(torch.cat([x, x.flip(3)]))      # plain and flipped: (2B, ...)
-            m = torch.cat([post.mean, post.logvar], dim=1)    # (2B, 2C, h, w), logvar clamped
-            m = m.reshape(2, B, *m.shape[1:]).transpose(0, 1)  # (B, 2, 2C, h, w)
+            P = 1 + bool(flips)                               # versions per image
+            post = vae.encode(torch.cat([x, x.flip(3)]) if flips else x)  # plain (and flipped): (P*B, ...)
+            m = torch.cat([post.mean, post.logvar], dim=1)    # (P*B, 2C, h, w), logvar clamped
+            m = m.reshape(P, B, *m.shape[1:]).transpose(0, 1)  # (B, P, 2C, h, w)
             moments[b * batch_size:b * batch_size + B] = m.float().cpu().numpy()
             moments.flush()                                   # data on disk before the flag
             done[b] = True
@@ -468,7 +471,8 @@ def build_latent_cache(vae, images_or_dataset, labels, path, *, scale_factor, ba
 class LatentDataset(torch.utils.data.Dataset):
     """Items: (latent float32 (C, h, w) = scale_factor * posterior sample, label int64).
 
-    For every access the plain or the flipped moments are picked (50/50) and a fresh
+    For every access the plain or the flipped moments are picked (50/50; always the plain
+    ones in a cache built with flips=False) and a fresh
     sample mean + exp(0.5 * logvar) * eps is drawn, with torch's global RNG (so
     torch.manual_seed and DataLoader worker seeding make it reproducible).
     """
@@ -498,7 +502,8 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def moments_batch(self, indices):
         """Raw cached moments of several items, for callers that draw the randomness
-        themselves (train.py): (float32 (B, 2, 2C, h, w) [plain, flipped], labels int64 (B,))."""
+        themselves (train.py): (float32 (B, P, 2C, h, w) [plain, flipped] (P = 2) or [plain]
+        (P = 1, a cache built with flips=False), labels int64 (B,))."""
         if self._moments is None:
             self._moments = np.load(os.path.join(self.path, 'moments.npy'), mmap_mode='r')
         idx = np.asarray(indices, dtype=np.int64)
@@ -510,7 +515,7 @@ class LatentDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         if self._moments is None:
             self._moments = np.load(os.path.join(self.path, 'moments.npy'), mmap_mode='r')
-        flip = int(torch.randint(0, 2, ()).item())
+        flip = int(torch.randint(0, self._moments.shape[1], ()).item())
         m = torch.from_numpy(np.array(self._moments[i, flip]))   # (2C, h, w)
         mean, logvar = m.chunk(2, dim=0)                            # (C, h, w) each
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape)

@@ -67,13 +67,17 @@ PRESETS = {
               head_depth=12, head_dim=1536, head_block='cross', grad_checkpointing=True),
 }
 
-# Sampling settings of the released evaluation scripts (and tuned ones for the toy).
+# Sampling settings of the released evaluation scripts (cfg_ramp=True: the CFG weight rises
+# from 1 at the first scale to `cfg` at the last), and ones tuned for the toy with the
+# project's metric (metrics.py; README, "What makes the toy work"): the same weight at every
+# scale raised the classifier accuracy of the samples from 41% to 53% at cfg 3 (500 samples),
+# and 8 grid points (7 Euler steps) sample 2.8x faster than 25 with no loss in accuracy.
 SAMPLING_DEFAULTS = {
-    'toy': dict(num_steps=25, cfg=3.0, guidance=0.9),
-    'S': dict(num_steps=25, cfg=4.3, guidance=0.9),
-    'B': dict(num_steps=25, cfg=4.3, guidance=0.9),
-    'L': dict(num_steps=25, cfg=2.4, guidance=0.9),
-    'H': dict(num_steps=50, cfg=2.4, guidance=0.7),
+    'toy': dict(num_steps=8, cfg=5.0, guidance=0.9, cfg_ramp=False),
+    'S': dict(num_steps=25, cfg=4.3, guidance=0.9, cfg_ramp=True),
+    'B': dict(num_steps=25, cfg=4.3, guidance=0.9, cfg_ramp=True),
+    'L': dict(num_steps=25, cfg=2.4, guidance=0.9, cfg_ramp=True),
+    'H': dict(num_steps=50, cfg=2.4, guidance=0.7, cfg_ramp=True),
 }
 
 
@@ -487,9 +491,12 @@ def euler_integrate(velocity, x, ts):
     return x
 
 
-def cfg_schedule(num_scales, cfg):
+def cfg_schedule(num_scales, cfg, ramp=True):
     """CFG weight per scale, rising linearly from 1 at the first scale to `cfg` at the last
-    (released; the paper does not describe it)."""
+    (ramp=True, released; the paper does not describe it), or `cfg` at every scale
+    (ramp=False, an option of this code: the toy's default, see SAMPLING_DEFAULTS)."""
+    if not ramp:
+        return [float(cfg)] * num_scales
     if num_scales == 1:
         return [float(cfg)]
     return [1.0 + (cfg - 1.0) * i / (num_scales - 1) for i in range(num_scales)]
@@ -699,7 +706,7 @@ class FlowAR(nn.Module):
 
     @torch.no_grad()
     def sample(self, labels=None, num_steps=25, cfg=1.0, guidance=1.0, generator=None,
-               batch_size=None, return_details=False):
+               batch_size=None, return_details=False, cfg_ramp=True):
         """Generate latents scale by scale (Sec. 3.2, "Inference Pipeline").
 
         For every scale i: one AR step with the KV cache gives s-hat^i; the head moves
@@ -709,7 +716,8 @@ class FlowAR(nn.Module):
         labels: (B,) class ids, or None for unconditional samples (null class; then
         batch_size is needed and cfg must be 1). cfg: classifier-free guidance weight at
         the last scale (1 = no guidance); the weight rises linearly from 1 at the first
-        scale. guidance: guidance is applied only while t <= guidance (the interval).
+        scale (cfg_ramp=True, released), or at every scale (cfg_ramp=False). guidance:
+        guidance is applied only while t <= guidance (the interval).
         generator: a torch.Generator for reproducible noise. Runs in eval mode (no dropout).
         returns latents (B, C, H, W) (in the scaled latent space of training), and with
         return_details also a dict with 'maps' (list of s^i) and 'semantics' (list of
@@ -718,11 +726,11 @@ class FlowAR(nn.Module):
         was_training = self.training
         self.eval()  # no dropout while sampling
         try:
-            return self._sample(labels, num_steps, cfg, guidance, generator, batch_size, return_details)
+            return self._sample(labels, num_steps, cfg, guidance, generator, batch_size, return_details, cfg_ramp)
         finally:
             self.train(was_training)
 
-    def _sample(self, labels, num_steps, cfg, guidance, generator, batch_size, return_details):
+    def _sample(self, labels, num_steps, cfg, guidance, generator, batch_size, return_details, cfg_ramp):
         device = self.class_emb.weight.device
         dtype = self.class_emb.weight.dtype
         if labels is None:
@@ -742,7 +750,7 @@ class FlowAR(nn.Module):
             labels_in = torch.cat([labels, torch.full_like(labels, self.num_classes)])
         else:
             labels_in = labels
-        weights = cfg_schedule(len(self.scales), cfg)
+        weights = cfg_schedule(len(self.scales), cfg, cfg_ramp)
         ts = euler_time_grid(num_steps, device=device)
         caches = [dict() for _ in range(len(self.encoder_blocks) + len(self.decoder_blocks))]
         maps, sems = [], []

@@ -142,16 +142,16 @@ def check_vae(model, vae):
                          f"model was trained with (pass the right one with --vae)")
 
 
-def sampling_settings(preset, num_steps=None, cfg=None, guidance=None):
+def sampling_settings(preset, num_steps=None, cfg=None, guidance=None, cfg_ramp=None):
     """Flags given on the command line win; the others come from SAMPLING_DEFAULTS[preset]."""
-    given = dict(num_steps=num_steps, cfg=cfg, guidance=guidance)
+    given = dict(num_steps=num_steps, cfg=cfg, guidance=guidance, cfg_ramp=cfg_ramp)
     if all(v is not None for v in given.values()):
         return given
     if preset not in SAMPLING_DEFAULTS:
         unset = ['--' + k.replace('_', '-') for k, v in given.items() if v is None]
         raise ValueError(f"no sampling defaults for the model preset {preset!r} (known: "
                          f"{sorted(SAMPLING_DEFAULTS)}); pass {' '.join(unset)} explicitly")
-    return {k: (SAMPLING_DEFAULTS[preset][k] if v is None else v) for k, v in given.items()}
+    return {k: (SAMPLING_DEFAULTS[preset].get(k, True) if v is None else v) for k, v in given.items()}
 
 
 def parse_classes(text, num_classes):
@@ -194,8 +194,8 @@ def decode(vae, latents, scale_factor):
 
 
 @torch.no_grad()
-def generate(model, vae, scale_factor, labels, *, num_steps, cfg, guidance, generator=None,
-             show_scales=False, scale_upsample='bicubic'):
+def generate(model, vae, scale_factor, labels, *, num_steps, cfg, guidance, cfg_ramp=True,
+             generator=None, show_scales=False, scale_upsample='bicubic'):
     """Sample len(labels) images as one batch.
 
     labels: list or (B,) tensor of class ids. returns uint8 numpy (B, H, W, 3), or with
@@ -207,7 +207,7 @@ def generate(model, vae, scale_factor, labels, *, num_steps, cfg, guidance, gene
     """
     device = model.class_emb.weight.device
     labels = torch.as_tensor(labels, dtype=torch.long).to(device)
-    latents, details = model.sample(labels, num_steps=num_steps, cfg=cfg, guidance=guidance,
+    latents, details = model.sample(labels, num_steps=num_steps, cfg=cfg, guidance=guidance, cfg_ramp=cfg_ramp,
                                     generator=generator, return_details=True)  # (B, C, H, W)
     if not show_scales:
         return decode(vae, latents, scale_factor)  # (B, H, W, 3)
@@ -240,13 +240,13 @@ def make_grid(images, nrow, pad=2, pad_value=255):
 
 
 def sample_images(model, vae, scale_factor, labels, *, seed, batch_size, num_steps, cfg,
-                  guidance, show_scales=False, scale_upsample='bicubic'):
+                  guidance, cfg_ramp=True, show_scales=False, scale_upsample='bicubic'):
     """All `labels` in chunks of batch_size, chunk c seeded from (seed, c) as in sample_npz.
     returns uint8 (N, H, W, 3), or (N, n_scales, H, W, 3) with show_scales."""
     out = []
     for c, start in enumerate(range(0, len(labels), batch_size)):
         out.append(generate(model, vae, scale_factor, labels[start:start + batch_size],
-                            num_steps=num_steps, cfg=cfg, guidance=guidance,
+                            num_steps=num_steps, cfg=cfg, guidance=guidance, cfg_ramp=cfg_ramp,
                             generator=chunk_generator(seed, c), show_scales=show_scales,
                             scale_upsample=scale_upsample))
     return np.concatenate(out)
@@ -303,7 +303,8 @@ def _barrier():
 
 
 def sample_npz(model, vae, scale_factor, out_path, *, num_images, seed, batch_size, num_steps,
-               cfg, guidance, rank=0, world_size=1, keep_parts=False, run_info=None, log=print):
+               cfg, guidance, cfg_ramp=True, rank=0, world_size=1, keep_parts=False, run_info=None,
+               log=print):
     """Sample a class-balanced set of num_images into `out_path` (.npz, see the top of the
     file for the format and the seeding contract). Every rank calls this with its rank and
     the world size (torch.distributed initialised when world_size > 1). Returns out_path.
@@ -316,7 +317,7 @@ def sample_npz(model, vae, scale_factor, out_path, *, num_images, seed, batch_si
               for c, s in enumerate(range(0, num_images, batch_size))]     # (index, start, stop)
     parts = out_path + '.parts'
     meta = dict(num_images=num_images, batch_size=batch_size, seed=seed, num_steps=num_steps,
-                cfg=cfg, guidance=guidance, num_classes=model.num_classes,
+                cfg=cfg, guidance=guidance, cfg_ramp=cfg_ramp, num_classes=model.num_classes,
                 scales=[list(s) for s in model.scales], **(run_info or {}))
     meta = json.loads(json.dumps(meta))  # what it reads back as
     meta_path = os.path.join(parts, 'meta.json')
@@ -356,7 +357,8 @@ def sample_npz(model, vae, scale_factor, out_path, *, num_images, seed, batch_si
     left = sum(stop - start for _, start, stop in todo)
     for c, start, stop in mine:
         imgs = generate(model, vae, scale_factor, labels[start:stop], num_steps=num_steps,
-                        cfg=cfg, guidance=guidance, generator=chunk_generator(seed, c))  # (b, H, W, 3)
+                        cfg=cfg, guidance=guidance, cfg_ramp=cfg_ramp,
+                        generator=chunk_generator(seed, c))  # (b, H, W, 3)
         _atomic_save_npy(imgs, chunk_path(c))
         made += stop - start
         if rank == 0:  # progress of rank 0, times world_size as an estimate of the whole
@@ -403,9 +405,14 @@ def build_parser():
     p.add_argument('--ema', action=argparse.BooleanOptionalAction, default=True,
                    help="sample the EMA weights of --ckpt (default) or the raw ones (--no-ema)")
     g = p.add_argument_group("sampling (defaults: flowar.SAMPLING_DEFAULTS of the model preset)")
-    g.add_argument('--num-steps', type=int, help="Euler steps per scale")
+    g.add_argument('--num-steps', type=int, help="size of the released time grid per scale: 50 gives "
+                   "50 Euler steps; any other n gives n // 2 + n // 2 + 1 grid points (25 -> 24 steps, "
+                   "flowar.euler_time_grid)")
     g.add_argument('--cfg', type=float, help="classifier-free guidance weight at the last scale")
     g.add_argument('--guidance', type=float, help="guidance only while t <= this (the interval)")
+    g.add_argument('--cfg-ramp', action=argparse.BooleanOptionalAction, default=None,
+                   help="CFG weight rising from 1 at the first scale to --cfg at the last (released), "
+                   "or --no-cfg-ramp: --cfg at every scale (the toy's default)")
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('--batch-size', type=int, default=64,
                    help="images per chunk; the .npz is reproducible for a fixed value")
@@ -493,8 +500,8 @@ def main(argv=None):
     log(f"vae: {vae_path} (scale factor {scale_factor})")
 
     # Sampling settings.
-    st = sampling_settings(preset, args.num_steps, args.cfg, args.guidance)
-    log(f"sampling: num_steps={st['num_steps']} cfg={st['cfg']} guidance={st['guidance']} "
+    st = sampling_settings(preset, args.num_steps, args.cfg, args.guidance, args.cfg_ramp)
+    log(f"sampling: num_steps={st['num_steps']} cfg={st['cfg']} cfg_ramp={st['cfg_ramp']} guidance={st['guidance']} "
         f"seed={args.seed} batch_size={args.batch_size} device={device}")
 
     if args.npz is not None:

@@ -175,6 +175,24 @@ def test_spatial_adaln_reduces_to_adaln_for_constant_semantics_and_is_local():
         assert diff[4] > 1e-4 and torch.all(diff[torch.arange(N) != 4] == 0)
 
 
+def test_spatial_adaln_block_is_eq10_written_out():
+    # Eq. 10 with the paper's symbols, from the modulation MLP's six outputs in the released
+    # order (alpha1, alpha2 = gates; gamma1, gamma2 = scales; beta1, beta2 = shifts), every
+    # tensor (B, N, W): one set per position. RELEASED: gamma enters as (1 + gamma), LN is
+    # an RMSNorm without weight.
+    torch.manual_seed(0)
+    B, N, W = 2, 5, 64
+    block = flowar.SpatialAdaLNBlock(W, heads=1)
+    for p in block.parameters():                       # non-trivial values, biases included
+        p.data.normal_(0, 0.3)
+    x, t_emb, c, pos = torch.randn(B, N, W), torch.randn(B, 1, W), torch.randn(B, N, W), torch.rand(N, 2) * 8
+    alpha1, alpha2, gamma1, gamma2, beta1, beta2 = block.ada_lin(F.silu(c + t_emb)).chunk(6, dim=-1)
+    LN = lambda z: z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6)
+    F1 = x + block.attn(LN(x) * (1 + gamma1) + beta1, pos) * alpha1
+    F2 = F1 + block.mlp(LN(F1) * (1 + gamma2) + beta2) * alpha2
+    assert (block(x, t_emb, c, None, pos) - F2).abs().max() < 1e-5
+
+
 def test_flow_head_uses_semantics_position_by_position():
     torch.manual_seed(0)
     head = flowar.FlowHead(4, 64, 1, cond_dim=32)
@@ -296,6 +314,7 @@ def test_euler_moves_noise_to_a_gaussian_target_with_the_exact_velocity_field():
 def test_cfg_schedule_rises_linearly():
     assert flowar.cfg_schedule(4, 4.0) == [1.0, 2.0, 3.0, 4.0]
     assert flowar.cfg_schedule(5, 1.0) == [1.0] * 5
+    assert flowar.cfg_schedule(4, 4.0, ramp=False) == [4.0] * 4
 
 
 def test_cfg_one_is_the_conditional_sample_and_guidance_outside_interval_is_off():
@@ -355,8 +374,9 @@ class _SemanticsHead(torch.nn.Module):
         return semantics[..., :self.C].to(x.dtype)
 
 
-@pytest.mark.parametrize('cfg, guidance', [(3.0, 0.5), (2.0, 1.0), (1.0, 1.0)])
-def test_cfg_combination_guidance_interval_and_euler_direction(cfg, guidance):
+@pytest.mark.parametrize('cfg, guidance, ramp', [(3.0, 0.5, True), (2.0, 1.0, True), (1.0, 1.0, True),
+                                                 (3.0, 0.5, False)])
+def test_cfg_combination_guidance_interval_and_euler_direction(cfg, guidance, ramp):
     # With v_c, v_u constant in t, Euler from t = 1 to 0 gives exactly
     #   x_0 = noise - (sum of guided |dt|) * (v_u + w_i (v_c - v_u)) - (sum of other |dt|) * v_c
     # at scale i, w_i = cfg_schedule(...)[i]. This pins the sign of the CFG combination,
@@ -364,13 +384,13 @@ def test_cfg_combination_guidance_interval_and_euler_direction(cfg, guidance):
     model = tiny_model()
     model.flownet = _SemanticsHead(model.latent_channels)
     labels, num_steps = torch.tensor([1, 3]), 8
-    z, info = model.sample(labels, num_steps=num_steps, cfg=cfg, guidance=guidance,
+    z, info = model.sample(labels, num_steps=num_steps, cfg=cfg, guidance=guidance, cfg_ramp=ramp,
                            generator=torch.Generator().manual_seed(5), return_details=True)
     v_c = model.semantics(info['maps'], labels)[..., :4].double()                # (B, L, C)
     v_u = model.semantics(info['maps'], torch.full_like(labels, 10))[..., :4].double()
     ts = flowar.euler_time_grid(num_steps).tolist()
     g = torch.Generator().manual_seed(5)
-    for i, (sl, w) in enumerate(zip(model.slices, flowar.cfg_schedule(len(model.scales), cfg))):
+    for i, (sl, w) in enumerate(zip(model.slices, flowar.cfg_schedule(len(model.scales), cfg, ramp))):
         noise = torch.randn(2, sl.stop - sl.start, 4, generator=g, dtype=torch.float64)
         guided_dt = sum(a - b for a, b in zip(ts, ts[1:]) if a <= guidance and w != 1.0)
         v_g = v_u[:, sl] + w * (v_c[:, sl] - v_u[:, sl])
@@ -1008,6 +1028,30 @@ def test_vd_latent_cache(tmp_path, monkeypatch):
     torch.manual_seed(0)
     z_again = torch.stack([ds[3][0] for _ in range(n)])
     assert torch.equal(zs, z_again)                                    # global RNG decides
+
+
+def test_vd_latent_cache_without_flips(tmp_path):
+    # flips=False: one version per image (half the encoding), refused when the existing
+    # cache has flips; the dataset and train.make_batch read the plain moments.
+    images, labels = data.make_shapes(12, seed=0)
+    m = _vd_tiny_vae(seed=0)
+    path = str(tmp_path / 'cache')
+    kw = dict(scale_factor=0.5, batch_size=8, device='cpu')
+    data.build_latent_cache(m, images, labels, path, flips=False, **kw)
+    moments = np.load(os.path.join(path, 'moments.npy'))
+    assert moments.shape == (12, 1, 8, 8, 8)
+    with torch.no_grad():
+        plain = m.encode(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert np.allclose(moments[:, 0, :4], plain.mean.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match='flips'):
+        data.build_latent_cache(m, images, labels, path, flips=True, **kw)
+    ds = data.LatentDataset(path)
+    cfg = dict(seed=0, label_drop=0.0)
+    model_cfg = dict(scales=[[1, 1], [2, 2], [4, 4], [8, 8]], latent_channels=4, num_classes=10)
+    z, y, noise, t = train.make_batch(ds, list(range(12)), 0, cfg, 0, model_cfg, 'cpu')
+    mean = torch.from_numpy(moments[:, 0, :4]) * 0.5
+    std = torch.from_numpy(moments[:, 0, 4:]).mul(0.5).exp() * 0.5
+    assert ((z - mean).abs() <= 6 * std + 1e-6).all() and torch.equal(y, torch.from_numpy(labels))
 
 
 def test_vd_latent_cache_from_image_folder(tmp_path):
