@@ -12,6 +12,7 @@ Data for FlowAR: image datasets and the latent cache.
 Only torch, numpy and pillow are used.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,6 +26,42 @@ import urllib.request
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+
+# -----------------------------------------------------------------------------
+# Files that a crash never leaves half-written (every checkpoint, cache header, chunk and
+# .npz of the project is written through these two helpers)
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yield a temporary path next to `path`; write the file there. When the block ends
+    without an error the temporary file is renamed to `path` (atomic on one file system),
+    otherwise it is deleted and `path` is untouched."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save(obj, path):
+    """torch.save(obj, path) through atomic_file."""
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def vae_fingerprint(model):
+    """A short hex string identifying the config and ALL weights of a VAE (sha1, 16 chars).
+    The latent cache stores it and refuses to be read with another VAE."""
+    h = hashlib.sha1()
+    h.update(json.dumps(model.config, sort_keys=True).encode())
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to('cpu', torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
 
 # -----------------------------------------------------------------------------
 # CIFAR-10
@@ -325,10 +362,8 @@ def make_shapes(n, seed=0, size=32):
 # the arrays exist.
 
 def _write_json_atomic(obj, path):
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
+    with atomic_file(path) as tmp, open(tmp, 'w') as f:
         json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _read_header(path):
@@ -364,7 +399,6 @@ def build_latent_cache(vae, images_or_dataset, labels, path, *, scale_factor, ba
     max_batches: encode at most this many batches in this call (for tests / chunked runs).
     Returns the number of batches this call encoded.
     """
-    from vae import vae_fingerprint
     if world_size > 1 and barrier is None:
         raise ValueError("build_latent_cache with world_size > 1 needs barrier= (e.g. "
                          "torch.distributed.barrier) so that rank 0 creates the files first")

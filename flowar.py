@@ -291,7 +291,8 @@ class GatedMLP(nn.Module):
 
 
 def modulate(x, shift, scale):
-    """adaLN: x * (1 + scale) + shift."""
+    """adaLN: x * (1 + scale) + shift. Names used in every block below, as in the paper's
+    Eq. 10: gamma = scale, beta = shift, alpha = the gate that multiplies the branch."""
     return x * (1 + scale) + shift
 
 
@@ -302,8 +303,8 @@ def modulate(x, shift, scale):
 class ARBlock(nn.Module):
     """A block of the AR Transformer: pre-norm attention + gated MLP with adaLN from the
     class embedding (one set of six modulation vectors per sample, broadcast over tokens):
-        x = x + gamma1 * Attn(RMSNorm(x) * (1 + scale1) + shift1)
-        x = x + gamma2 * MLP(RMSNorm(x) * (1 + scale2) + shift2)
+        x = x + alpha1 * Attn(RMSNorm(x) * (1 + gamma1) + beta1)
+        x = x + alpha2 * MLP(RMSNorm(x) * (1 + gamma2) + beta2)
     """
 
     def __init__(self, dim, heads, mlp_ratio, attn_dropout, proj_dropout, rope_theta):
@@ -317,9 +318,9 @@ class ARBlock(nn.Module):
 
     def forward(self, x, cond, pos, mask=None, cache=None):
         # x: (B, N, D); cond: (B, D) class embedding
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.ada_lin(cond)[:, None].chunk(6, dim=-1)  # 6 x (B, 1, D)
-        x = x + self.attn(modulate(self.norm1(x), shift1, scale1), pos, mask, cache) * gamma1
-        x = x + self.mlp(modulate(self.norm2(x), shift2, scale2)) * gamma2
+        alpha1, alpha2, gamma1, gamma2, beta1, beta2 = self.ada_lin(cond)[:, None].chunk(6, dim=-1)  # 6 x (B, 1, D)
+        x = x + self.attn(modulate(self.norm1(x), beta1, gamma1), pos, mask, cache) * alpha1
+        x = x + self.mlp(modulate(self.norm2(x), beta2, gamma2)) * alpha2
         return x
 
 
@@ -352,17 +353,20 @@ class TimestepEmbedder(nn.Module):
 
 
 class SpatialAdaLNBlock(nn.Module):
-    """Eq. 10, the paper's head block (used by FlowAR-S):
+    """Eq. 10, the paper's head block (used by FlowAR-S), in the paper's symbols
+    (alpha = gate, gamma = scale, beta = shift):
 
-        alpha1, alpha2, beta1, beta2, gamma1, gamma2 = MLP(s-hat^i + t)     (per position!)
-        F'  = F  + Attn(gamma1 * LN(F)  + beta1) * alpha1
-        F'' = F' + MLP (gamma2 * LN(F') + beta2) * alpha2
+        alpha1, alpha2, gamma1, gamma2, beta1, beta2 = MLP(s-hat^i + t)   (per position!)
+        F'  = F  + Attn(LN(F)  * (1 + gamma1) + beta1) * alpha1
+        F'' = F' + MLP (LN(F') * (1 + gamma2) + beta2) * alpha2
 
     Unlike ordinary adaLN, `c` (the projected semantics) has one vector per token, so
     every modulation tensor is (B, N, W): the semantics steer each position separately.
-    In code: gamma = gate (alpha in the paper), scale = gamma in the paper, shift = beta.
-    The paper writes gamma * LN(x); the released code writes LN(x) * (1 + scale), i.e. the
-    scale is parameterised around 1. We follow the released code.
+    RELEASED vs PAPER, three differences, we follow the released code: (1) the paper writes
+    gamma * LN(F); the released code LN(F) * (1 + gamma), the scale parameterised around 1;
+    (2) the paper's Eq. 10 has no residual connections, the released block adds them (the
+    "F +" above); (3) LN is an RMSNorm without a learned weight. The six tensors come out
+    of the MLP in the released order alpha1, alpha2, gamma1, gamma2, beta1, beta2.
     """
 
     def __init__(self, width, heads, mlp_ratio=4.0, rope_theta=1e4):
@@ -379,9 +383,9 @@ class SpatialAdaLNBlock(nn.Module):
 
     def forward(self, x, t_emb, c, semantics, pos):
         # x: (B, N, W) tokens of one scale; c: (B, N, W) projected semantics s-hat^i
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = self.modulation(t_emb, c)   # 6 x (B, N, W)
-        x = x + self.attn(modulate(self.norm1(x), shift1, scale1), pos) * gamma1     # Eq. 10, line 2
-        x = x + self.mlp(modulate(self.norm2(x), shift2, scale2)) * gamma2           # Eq. 10, line 3
+        alpha1, alpha2, gamma1, gamma2, beta1, beta2 = self.modulation(t_emb, c)     # 6 x (B, N, W)
+        x = x + self.attn(modulate(self.norm1(x), beta1, gamma1), pos) * alpha1      # Eq. 10, line 2
+        x = x + self.mlp(modulate(self.norm2(x), beta2, gamma2)) * alpha2            # Eq. 10, line 3
         return x
 
 
@@ -389,9 +393,9 @@ class CrossAttnBlock(nn.Module):
     """The released Attn-CrossAttn-MLP head block (FlowAR-L and -H; not in the paper's
     text, the authors' README says both blocks perform alike):
 
-        x = x + gamma1 * Attn(RMSNorm(x) * (1 + scale1) + shift1)      (scale1.. from t only)
+        x = x + alpha1 * Attn(RMSNorm(x) * (1 + gamma1) + beta1)       (alpha1.. from t only)
         x = x + CrossAttn(RMSNorm_w(x), RMSNorm_w(semantics))           (no gate)
-        x = x + gamma2 * MLP(RMSNorm(x) * (1 + scale2) + shift2)       (per position, from c + t)
+        x = x + alpha2 * MLP(RMSNorm(x) * (1 + gamma2) + beta2)        (per position, from c + t)
     """
 
     def __init__(self, width, cond_dim, heads, mlp_ratio=4.0, rope_theta=1e4):
@@ -407,11 +411,11 @@ class CrossAttnBlock(nn.Module):
         self.ada_lin_mlp = nn.Linear(width, 3 * width)
 
     def forward(self, x, t_emb, c, semantics, pos):
-        gamma1, scale1, shift1 = self.ada_lin_attn(F.silu(t_emb)).chunk(3, dim=-1)    # 3 x (B, 1, W)
-        gamma2, scale2, shift2 = self.ada_lin_mlp(F.silu(c + t_emb)).chunk(3, dim=-1)  # 3 x (B, N, W)
-        x = x + self.attn(modulate(self.norm1(x), shift1, scale1), pos) * gamma1
+        alpha1, gamma1, beta1 = self.ada_lin_attn(F.silu(t_emb)).chunk(3, dim=-1)     # 3 x (B, 1, W)
+        alpha2, gamma2, beta2 = self.ada_lin_mlp(F.silu(c + t_emb)).chunk(3, dim=-1)   # 3 x (B, N, W)
+        x = x + self.attn(modulate(self.norm1(x), beta1, gamma1), pos) * alpha1
         x = x + self.crossattn(self.norm2_1(x), self.norm2_2(semantics), pos)
-        x = x + self.mlp(modulate(self.norm3(x), shift2, scale2)) * gamma2
+        x = x + self.mlp(modulate(self.norm3(x), beta2, gamma2)) * alpha2
         return x
 
 

@@ -35,6 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data  # data.py: the CIFAR-10 reader (downloads when absent), atomic_save
+
 
 # ---------------------------------------------------------------------------------------
 # The Frechet distance between two Gaussians (Heusel et al. 2017, "GANs trained by a two
@@ -245,7 +247,6 @@ DEFAULT_CLASSIFIER = os.path.join('out', 'cifar-classifier.pt')
 
 
 def load_cifar(data_dir):
-    import data  # data.py: the CIFAR-10 reader (downloads when absent)
     return (*data.load_cifar10(data_dir, train=True, download=True),
             *data.load_cifar10(data_dir, train=False, download=True))
 
@@ -260,9 +261,7 @@ def build_classifier(path, data_dir, epochs=10, seed=0, device='cpu', log=print)
     ckpt = dict(model=model.state_dict(), config=model.config, test_acc=acc, epochs=epochs,
                 seed=seed, ref_mu=torch.from_numpy(mu), ref_sigma=torch.from_numpy(sigma),
                 calibration=rows, train_seconds=time.time() - t0)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(ckpt, path + '.tmp')
-    os.replace(path + '.tmp', path)
+    data.atomic_save(ckpt, path)
     log(f"[classifier] test accuracy {acc:.4f}; {time.time() - t0:.0f}s; saved to {path}")
     return path
 
@@ -592,9 +591,8 @@ def save_reference_stats(features, path):
     """Save the (mu, sigma) of features (N, 2048) as pytorch-fid's .npz ('mu', 'sigma').
     Returns (mu, sigma)."""
     mu, sigma = feature_statistics(features)
-    with open(path + '.part', 'wb') as f:      # a file object: np.savez adds no '.npz'
+    with data.atomic_file(path) as tmp, open(tmp, 'wb') as f:   # a file object: np.savez adds no '.npz'
         np.savez(f, mu=mu, sigma=sigma)
-    os.replace(path + '.part', path)
     return mu, sigma
 
 

@@ -54,9 +54,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from data import CIFAR10_CLASSES, SHAPES_CLASSES
+from data import CIFAR10_CLASSES, SHAPES_CLASSES, atomic_file
 from flowar import FlowAR, SAMPLING_DEFAULTS, load_official_state_dict
-from vae import load_vae
+from vae import load_state_dict_strict, load_vae
 
 # Class names of the small datasets (the grid log prints them); ImageNet shows ids.
 CLASS_NAMES = {'cifar10': CIFAR10_CLASSES, 'shapes': SHAPES_CLASSES}
@@ -70,16 +70,6 @@ SEED_STRIDE = 1_000_003
 # ---------------------------------------------------------------------------------------
 # Loading: a training checkpoint (train.py) or a released .pth, and the VAE
 # ---------------------------------------------------------------------------------------
-
-def _state_dict_problems(model, sd):
-    """List of human-readable lines: missing keys, unexpected keys, shape mismatches."""
-    own = model.state_dict()
-    lines = [f"  missing key {k} {tuple(v.shape)}" for k, v in own.items() if k not in sd]
-    lines += [f"  unexpected key {k} {tuple(v.shape)}" for k, v in sd.items() if k not in own]
-    lines += [f"  shape {k}: checkpoint {tuple(sd[k].shape)}, model {tuple(own[k].shape)}"
-              for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    return lines
-
 
 def load_model_from_checkpoint(path, use_ema=True, device='cpu'):
     """A checkpoint written by train.py -> (FlowAR in eval mode on `device`, its 'config').
@@ -109,12 +99,7 @@ def load_model_from_checkpoint(path, use_ema=True, device='cpu'):
                          f"For the authors' released .pth use --official PATH --model S|L|H.")
     config = ckpt['config']
     model = FlowAR(**config['model'])
-    sd = ckpt[weights_key]
-    problems = _state_dict_problems(model, sd)
-    if problems:
-        raise ValueError(f"{path!r}: the '{weights_key}' weights do not fit the FlowAR built from "
-                         f"config['model']:\n" + "\n".join(problems[:30]))
-    model.load_state_dict(sd, strict=True)
+    load_state_dict_strict(model, ckpt[weights_key], what=f"{path!r} ('{weights_key}' weights vs config['model'])")
     return model.to(device).eval(), config
 
 
@@ -266,18 +251,15 @@ def npz_labels(num_images, num_classes):
 
 
 def _atomic_save_npy(arr, path):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, 'wb') as f:  # a file object: np.save would append '.npy' to a name
+    with atomic_file(path) as tmp, open(tmp, 'wb') as f:  # a file object: np.save would append '.npy' to a name
         np.save(f, arr)
-    os.replace(tmp, path)
 
 
 def _write_npz_streaming(path, chunk_paths, shape, labels):
     """Write {'arr_0': uint8 shape, 'arr_1': labels, 'labels': labels} as an uncompressed
     .npz (a zip of .npy files, what np.load and the FID/IS evaluators read), copying the
-    chunks in one at a time; atomic (temporary file, then a rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    chunks in one at a time; atomic (data.atomic_file)."""
+    with atomic_file(path) as tmp, zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         with zf.open('arr_0.npy', 'w', force_zip64=True) as f:
             np.lib.format.write_array_header_1_0(
                 f, {'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
@@ -294,7 +276,6 @@ def _write_npz_streaming(path, chunk_paths, shape, labels):
         for name in ('arr_1', 'labels'):
             with zf.open(name + '.npy', 'w') as f:
                 np.lib.format.write_array(f, labels)
-    os.replace(tmp, path)
 
 
 def _barrier():
@@ -335,10 +316,8 @@ def sample_npz(model, vae, scale_factor, out_path, *, num_images, seed, batch_si
     _barrier()
     if rank == 0 and not os.path.isfile(meta_path):
         os.makedirs(parts, exist_ok=True)
-        tmp = meta_path + '.tmp'
-        with open(tmp, 'w') as f:
+        with atomic_file(meta_path) as tmp, open(tmp, 'w') as f:
             json.dump(meta, f, indent=1)
-        os.replace(tmp, meta_path)
     _barrier()
 
     # 2. What is left: every rank lists the folder before anyone writes (barrier), and the

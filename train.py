@@ -339,7 +339,7 @@ def prepare_latents(cfg, rank, world_size, device, log):
                             world_size=world_size, barrier=dist.barrier if world_size > 1 else None,
                             dataset_name=cfg['dataset'], flips=cfg['cache_flips'])
     log(f"[stage latents] {cache} ready ({time.time() - t0:.0f}s)")
-    ds = data.LatentDataset(cache, vae_fingerprint=vae_lib.vae_fingerprint(vae))
+    ds = data.LatentDataset(cache, vae_fingerprint=data.vae_fingerprint(vae))
     return ds, vae, vae_path, scale_factor, class_names
 
 
@@ -472,7 +472,7 @@ def main(argv=None):
         else:
             rngs = [rng]
         if master:  # never lose a checkpoint: temp file, then rename
-            vae_lib.atomic_save({'model': model.state_dict(), 'ema': ema.state_dict(),
+            data.atomic_save({'model': model.state_dict(), 'ema': ema.state_dict(),
                                  'optimizer': opt.state_dict(), 'step': step,
                                  'epoch': step // steps_per_epoch, 'config': train_cfg,
                                  'rng': rngs}, ckpt_path)

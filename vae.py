@@ -10,8 +10,7 @@ has roughly unit variance) before the autoregressive model sees it. This file ho
      so MAR's kl16.ckpt loads with no renaming;
   2. the checkpoint format of this project (save_vae / load_vae) plus a strict loader that
      names every missing key, unexpected key and shape mismatch;
-  3. vae_fingerprint, used by the latent cache (data.py) to refuse latents of another VAE;
-  4. a small trainer for the 'cifar' preset (32x32 images -> (4, 8, 8) latents) that runs
+  3. a small trainer for the 'cifar' preset (32x32 images -> (4, 8, 8) latents) that runs
      on a laptop CPU, with PSNR evaluation and a reconstruction grid, and a CLI:
 
      python vae.py --dataset cifar10 --data-dir data --out out/vae --device cpu
@@ -20,7 +19,6 @@ Only torch, numpy and pillow are used.
 """
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -30,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import data  # data.py: the CIFAR / shapes loaders, atomic_save, vae_fingerprint
 
 # -----------------------------------------------------------------------------
 # Presets. A config is a plain dict of ints / floats / bools / lists / strings, so it can be
@@ -358,34 +358,15 @@ class AutoencoderKL(nn.Module):
 # Checkpoints
 
 def load_state_dict_strict(module, sd, what='model'):
-    """Load sd into module, raising ValueError that lists every missing key, unexpected
-    key and shape mismatch (instead of torch's first-error message or a silent strict=False)."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    mismatched = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        def show(items):
-            return ('\n    ' + '\n    '.join(items[:20]) +
-                    (f'\n    ... and {len(items) - 20} more' if len(items) > 20 else '')) if items else ' none'
-        raise ValueError(
-            f"{what}: the state dict does not match the architecture.\n"
-            f"  missing keys ({len(missing)}):{show(missing)}\n"
-            f"  unexpected keys ({len(unexpected)}):{show(unexpected)}\n"
-            f"  shape mismatches ({len(mismatched)}):{show(mismatched)}\n"
-            f"Check that the checkpoint was made with the same config/preset.")
-    module.load_state_dict(sd, strict=True)
+    """module.load_state_dict(sd, strict=True), never strict=False: torch's own error lists
+    every missing key, unexpected key and shape mismatch; we raise it as a ValueError that
+    says which file it was and what to check. The one strict loader of the project."""
+    try:
+        module.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{what}: the weights do not fit the architecture; check that the "
+                         f"checkpoint was made with the same config/preset. {e}") from None
     return module
-
-
-def atomic_save(obj, path):
-    # write next to the target, then rename: a crash never leaves a half-written checkpoint
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    tmp = path + '.tmp'
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def save_vae(path, model, scale_factor, extra=None):
@@ -400,7 +381,7 @@ def save_vae(path, model, scale_factor, extra=None):
         if clash:
             raise ValueError(f"save_vae: extra may not override the keys {sorted(clash)}")
         ckpt.update(extra)
-    atomic_save(ckpt, path)
+    data.atomic_save(ckpt, path)
     return path
 
 
@@ -435,17 +416,6 @@ def load_vae(path, device='cpu'):
     model = AutoencoderKL(config)
     load_state_dict_strict(model, ckpt['model'], what=f"VAE checkpoint {path!r}")
     return model.to(device).eval(), scale_factor
-
-
-def vae_fingerprint(model):
-    """A short hex string identifying the config and ALL weights of a VAE (sha1, 16 chars).
-    The latent cache stores it and refuses to be read with another VAE."""
-    h = hashlib.sha1()
-    h.update(json.dumps(model.config, sort_keys=True).encode())
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().to('cpu', torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 # -----------------------------------------------------------------------------
@@ -579,7 +549,7 @@ def train_vae(images, out_path, *, steps=3000, batch_size=64, lr=2e-3, device='c
               'data_rng': data_gen.get_state(), 'torch_rng': torch.get_rng_state()}
         if device.type == 'cuda':
             st['cuda_rng'] = torch.cuda.get_rng_state(device)
-        atomic_save(st, state_path)
+        data.atomic_save(st, state_path)
 
     images_t = torch.from_numpy(images)                   # (N, H, W, 3) uint8, stays on CPU
     n_elem = 3 * images.shape[1] * images.shape[2]
@@ -664,7 +634,6 @@ def main():
     p.add_argument('--no-resume', action='store_true', help='ignore an existing training state')
     args = p.parse_args()
 
-    import data  # the loaders live in data.py, next to this file
     if args.dataset == 'cifar10':
         train_images, _ = data.load_cifar10(args.data_dir, train=True, download=True)
         test_images, _ = data.load_cifar10(args.data_dir, train=False, download=True)
