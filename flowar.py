@@ -616,21 +616,21 @@ class FlowAR(nn.Module):
 
     # ---- Eq. 6: T([C, Up(s^1), ..., Up(s^{n-1})]) ------------------------------------
 
-    def ar_input_tokens(self, maps, labels):
-        """Embeds the AR input sequence for the scales [0, len(maps) + 1).
+    def scale_input(self, i, labels, prev=None):
+        """The AR input tokens of scale i, (B, N_i, D): the class token C repeated over the
+        N_1 positions of scale 1 (i = 0), else z_proj(Up(s^{i-1})), the previous token map
+        prev (B, C, h, w) upsampled to the size of scale i. labels: (B,), num_classes = null.
+        The one place that builds AR inputs: training (ar_input_tokens) and sampling."""
+        if i == 0:
+            return self.class_emb(labels)[:, None].expand(-1, self.slices[0].stop, -1)
+        up = upsample_to_next(prev, self.scales[-1], self.scales[i])   # (B, C, h_i, w_i)
+        return self.z_proj(tokens_from_map(up))
 
-        maps: ground-truth or generated token maps s^1..s^m (list of (B, C, h_i, w_i));
-        labels: (B,) class ids (num_classes = null class).
-        returns (B, L', D): the class token(s) of scale 1, then z_proj(Up(s^i)) for
-        i = 1..m, each upsampled to the size of scale i+1.
-        """
-        B = labels.shape[0]
-        n1 = self.slices[0].stop
-        parts = [self.class_emb(labels)[:, None].expand(B, n1, -1)]  # (B, n1, D): C
-        for i, s in enumerate(maps):
-            up = upsample_to_next(s, self.scales[-1], self.scales[i + 1])  # (B, C, h_{i+1}, w_{i+1})
-            parts.append(self.z_proj(tokens_from_map(up)))                 # (B, N_{i+1}, D)
-        return torch.cat(parts, dim=1)
+    def ar_input_tokens(self, maps, labels):
+        """The whole AR input sequence [C, Up(s^1), ..., Up(s^m)] for the scales
+        [0, m + 1), (B, L', D); maps: token maps s^1..s^m (ground truth in training)."""
+        return torch.cat([self.scale_input(i, labels, maps[i - 1] if i else None)
+                          for i in range(len(maps) + 1)], dim=1)
 
     def transformer(self, x, labels, start=0, caches=None):
         """The causal scale Transformer T. x: (B, N, D) embedded inputs of the token
@@ -761,14 +761,10 @@ class FlowAR(nn.Module):
         gen_device = generator.device if generator is not None else device
 
         for i, (hw, sl) in enumerate(zip(self.scales, self.slices)):
-            # AR step: input of scale i is C (i = 0) or Up(s^{i-1}) of the generated map.
-            if i == 0:
-                n1 = sl.stop
-                x_in = self.class_emb(labels_in)[:, None].expand(-1, n1, -1)          # (B', n1, D)
-            else:
-                prev = maps[-1] if not use_cfg else torch.cat([maps[-1], maps[-1]])  # the cond map to both halves
-                up = upsample_to_next(prev.to(dtype), self.scales[-1], hw)
-                x_in = self.z_proj(tokens_from_map(up))                              # (B', N_i, D)
+            # AR step: input of scale i is C (i = 0) or Up(s^{i-1}) of the generated map,
+            # the conditional map for both CFG halves.
+            prev = None if i == 0 else (torch.cat([maps[-1], maps[-1]]) if use_cfg else maps[-1]).to(dtype)
+            x_in = self.scale_input(i, labels_in, prev)                                  # (B', N_i, D)
             s_hat = self.transformer(x_in, labels_in, start=sl.start, caches=caches)  # (B', N_i, D)
             sems.append(s_hat[:B])
             pos = self.positions[sl]
