@@ -91,6 +91,8 @@ def bench_preset(preset, device, args, rate):
     if args.quick:
         train_b, sample_b = max(1, train_b // 4), max(1, sample_b // 4)
     latents = torch.randn((train_b,) + LATENT_SHAPES[preset], device=device)
+    noise = [torch.randn(train_b, model.latent_channels, h, w, device=device) for h, w in model.scales]
+    t = torch.rand(train_b, len(model.scales), device=device)
     labels = torch.randint(0, model.num_classes, (max(train_b, sample_b),), device=device)
     rows = []
 
@@ -101,7 +103,7 @@ def bench_preset(preset, device, args, rate):
     def train_step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
-            loss, _ = model(latents, labels[:train_b])
+            loss, _ = model(latents, labels[:train_b], noise, t)
         loss.backward()
         opt.step()
     rows.append(measure('train (fwd+bwd+AdamW)', train_step, train_b, device, args, rate))

@@ -6,8 +6,10 @@ Data for FlowAR: image datasets and the latent cache.
     evaluation, and the released training augmentation (resize, random crop, flip);
   - make_shapes: a procedural 10-class dataset of coloured shapes (no download needed);
   - the latent cache: every image is encoded once (plain and horizontally flipped) into one
-    memory-mapped array of posterior moments; LatentDataset draws a fresh posterior sample
-    from it at every access, as MAR / FlowAR do with cached latents.
+    memory-mapped array of posterior moments; LatentDataset reads it, and training draws a
+    fresh posterior sample from it at every step (train.make_batch), as MAR does;
+  - atomic_file / atomic_save (every file of the project is written through them) and
+    vae_fingerprint (the cache's record of its VAE).
 
 Only torch, numpy and pillow are used.
 """
@@ -502,14 +504,10 @@ def build_latent_cache(vae, images_or_dataset, labels, path, *, scale_factor, ba
     return len(pending)
 
 
-class LatentDataset(torch.utils.data.Dataset):
-    """Items: (latent float32 (C, h, w) = scale_factor * posterior sample, label int64).
-
-    For every access the plain or the flipped moments are picked (50/50; always the plain
-    ones in a cache built with flips=False) and a fresh
-    sample mean + exp(0.5 * logvar) * eps is drawn, with torch's global RNG (so
-    torch.manual_seed and DataLoader worker seeding make it reproducible).
-    """
+class LatentDataset:
+    """The latent cache, read: posterior moments and labels of any items (moments_batch).
+    It draws nothing: the posterior sample, the flip and all other training randomness
+    are drawn in one place, train.sample_randomness."""
 
     def __init__(self, path, vae_fingerprint=None):
         self.path = path
@@ -521,7 +519,7 @@ class LatentDataset(torch.utils.data.Dataset):
             raise ValueError(f"the latent cache {path!r} is incomplete ({int(done.sum())}/"
                              f"{len(done)} batches); run build_latent_cache again to finish it")
         self.labels = np.load(os.path.join(path, 'labels.npy'))
-        self._moments = None        # opened lazily, so each DataLoader worker maps its own
+        self._moments = None        # opened lazily (memory-mapped)
 
     @property
     def scale_factor(self):
@@ -535,9 +533,8 @@ class LatentDataset(torch.utils.data.Dataset):
         return len(self.labels)
 
     def moments_batch(self, indices):
-        """Raw cached moments of several items, for callers that draw the randomness
-        themselves (train.py): (float32 (B, P, 2C, h, w) [plain, flipped] (P = 2) or [plain]
-        (P = 1, a cache built with flips=False), labels int64 (B,))."""
+        """Cached moments of several items: (float32 (B, P, 2C, h, w) [plain, flipped]
+        (P = 2) or [plain] (P = 1, a cache built with flips=False), labels int64 (B,))."""
         if self._moments is None:
             self._moments = np.load(os.path.join(self.path, 'moments.npy'), mmap_mode='r')
         idx = np.asarray(indices, dtype=np.int64)
@@ -545,12 +542,3 @@ class LatentDataset(torch.utils.data.Dataset):
         m = np.empty((len(idx),) + self._moments.shape[1:], dtype=np.float32)
         m[order] = self._moments[idx[order]]
         return torch.from_numpy(m), torch.from_numpy(self.labels[idx].astype(np.int64))
-
-    def __getitem__(self, i):
-        if self._moments is None:
-            self._moments = np.load(os.path.join(self.path, 'moments.npy'), mmap_mode='r')
-        flip = int(torch.randint(0, self._moments.shape[1], ()).item())
-        m = torch.from_numpy(np.array(self._moments[i, flip]))   # (2C, h, w)
-        mean, logvar = m.chunk(2, dim=0)                            # (C, h, w) each
-        z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape)
-        return (z * self.scale_factor).float(), torch.tensor(self.labels[i], dtype=torch.int64)

@@ -43,7 +43,7 @@ from torch.utils.checkpoint import checkpoint
 # ---------------------------------------------------------------------------------------
 
 _IMAGENET = dict(latent_channels=16, scales=(1, 2, 4, 8, 16), num_classes=1000,
-                 mlp_ratio=4.0, class_dropout=0.1, attn_dropout=0.1, proj_dropout=0.1,
+                 mlp_ratio=4.0, attn_dropout=0.1, proj_dropout=0.1,
                  rope_theta=10000.0, grad_checkpointing=False, scale_weighting='tokens',
                  init='released')
 
@@ -54,7 +54,7 @@ PRESETS = {
     'toy': dict(latent_channels=4, scales=(1, 2, 4, 8), num_classes=10,
                 ar_dim=128, enc_depth=2, dec_depth=2, ar_heads=2,
                 head_depth=2, head_dim=128, head_block='spatial',
-                mlp_ratio=4.0, class_dropout=0.1, attn_dropout=0.0, proj_dropout=0.0,
+                mlp_ratio=4.0, attn_dropout=0.0, proj_dropout=0.0,
                 rope_theta=10000.0, grad_checkpointing=False, scale_weighting='tokens',
                 init='released'),
     'S': dict(_IMAGENET, ar_dim=768, enc_depth=6, dec_depth=6, ar_heads=12,
@@ -520,7 +520,7 @@ class FlowAR(nn.Module):
     def __init__(self, latent_channels=16, scales=(1, 2, 4, 8, 16), num_classes=1000,
                  ar_dim=768, enc_depth=6, dec_depth=6, ar_heads=12,
                  head_depth=2, head_dim=1024, head_block='spatial', mlp_ratio=4.0,
-                 class_dropout=0.1, attn_dropout=0.1, proj_dropout=0.1, rope_theta=10000.0,
+                 attn_dropout=0.1, proj_dropout=0.1, rope_theta=10000.0,
                  grad_checkpointing=False, scale_weighting='tokens', init='released'):
         super().__init__()
         scales_hw = normalize_scales(scales)
@@ -537,14 +537,13 @@ class FlowAR(nn.Module):
                            num_classes=num_classes, ar_dim=ar_dim, enc_depth=enc_depth,
                            dec_depth=dec_depth, ar_heads=ar_heads, head_depth=head_depth,
                            head_dim=head_dim, head_block=head_block, mlp_ratio=mlp_ratio,
-                           class_dropout=class_dropout, attn_dropout=attn_dropout,
+                           attn_dropout=attn_dropout,
                            proj_dropout=proj_dropout, rope_theta=rope_theta,
                            grad_checkpointing=grad_checkpointing, scale_weighting=scale_weighting,
                            init=init)
         self.scales = scales_hw
         self.latent_channels = latent_channels
         self.num_classes = num_classes
-        self.class_dropout = class_dropout
         self.grad_checkpointing = grad_checkpointing
         self.scale_weighting = scale_weighting
         self.slices = scale_slices(scales_hw)
@@ -664,31 +663,30 @@ class FlowAR(nn.Module):
 
     # ---- Eq. 7-9: the training loss -----------------------------------------------------
 
-    def forward(self, latents, labels, noise=None, t=None, drop_labels=None):
+    def forward(self, latents, labels, noise, t):
         """Flow-matching loss of Eq. 9 summed over scales with the released weights.
 
         latents: (B, C, H, W) VAE latents (already multiplied by the VAE scale factor);
-        labels: (B,) ints in [0, num_classes); noise: optional list of per-scale Gaussian
-        noise (B, C, h_i, w_i); t: optional (B, n) times in [0, 1] (one per sample and
-        scale); drop_labels: replace labels by the null class with prob. class_dropout
-        (default: in training mode).
+        labels: (B,) ints in [0, num_classes], num_classes = the null class (labels already
+        dropped for CFG); noise: per-scale Gaussian noise F_0^i, a list of (B, C, h_i, w_i);
+        t: (B, n) times in [0, 1], one per sample and scale. All randomness of training
+        (label drop, t, noise, posterior sample, flip) is drawn in one place,
+        train.sample_randomness; this function is deterministic given its inputs. (RELEASED:
+        the authors' forward draws t, noise and the label drop itself; drawing them outside
+        makes a run the same for any split over GPUs and accumulation steps.)
         returns (loss, per_scale_losses (n,)): per-scale losses are unweighted, detached.
         """
         B, n = latents.shape[0], len(self.scales)
-        if drop_labels is None:
-            drop_labels = self.training
-        if drop_labels and self.class_dropout > 0:  # for classifier-free guidance
-            drop = torch.rand(B, device=labels.device) < self.class_dropout
-            labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+        if len(noise) != n or tuple(t.shape) != (B, n):
+            raise ValueError(f"need noise for each of the {n} scales and t of shape ({B}, {n}), "
+                             f"got {len(noise)} noise maps and t {tuple(t.shape)}")
         maps = build_scale_pyramid(latents, self.scales)   # Eq. 5: n x (B, C, h_i, w_i)
         s_hat = self.semantics(maps, labels)               # Eq. 6: (B, L, D)
-        if t is None:
-            t = torch.rand(B, n, device=latents.device)
         total, per_scale = 0.0, []
         H, W = self.scales[-1]
         for i, (s, sl) in enumerate(zip(maps, self.slices)):
             x = tokens_from_map(s)                                     # (B, N, C): s^i
-            eps = torch.randn_like(x) if noise is None else tokens_from_map(noise[i])  # F_0^i
+            eps = tokens_from_map(noise[i])                             # F_0^i
             ti = t[:, i].to(x.dtype)[:, None, None]                    # (B, 1, 1)
             # Eq. 7. RELEASED vs PAPER: the paper writes F_t = t * s + (1 - t) * F_0 and
             # the velocity s - F_0 (Eq. 8); the released code uses t' = 1 - t, i.e.

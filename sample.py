@@ -98,6 +98,7 @@ def load_model_from_checkpoint(path, use_ema=True, device='cpu'):
                          f"{{'model', 'ema', 'config': {{'model', 'vae', 'vae_scale_factor', ...}}}}{hint}. "
                          f"For the authors' released .pth use --official PATH --model S|L|H.")
     config = ckpt['config']
+    config['model'].pop('class_dropout', None)   # recorded by checkpoints before 2026-11-26; train.py's --label-drop
     model = FlowAR(**config['model'])
     load_state_dict_strict(model, ckpt[weights_key], what=f"{path!r} ('{weights_key}' weights vs config['model'])")
     return model.to(device).eval(), config

@@ -54,6 +54,12 @@ def tiny_model(**overrides):
     return FlowAR.from_preset('toy', **cfg).eval()
 
 
+def fm_inputs(z, g=None):
+    """Flow-matching noise (one map per toy scale 1-2-4-8) and t (B, 4) for FlowAR.forward."""
+    B, C = z.shape[:2]
+    return [torch.randn(B, C, s, s, generator=g) for s in (1, 2, 4, 8)], torch.rand(B, 4, generator=g)
+
+
 # ---------------------------------------------------------------------------------------
 # Eq. 5: scale pyramid, Eq. 6 inputs
 # ---------------------------------------------------------------------------------------
@@ -238,7 +244,7 @@ def test_loss_uses_released_interpolation_target_and_scale_weights():
     z = torch.randn(2, 4, 8, 8)
     noise = [torch.randn(2, 4, s, s) for s in (1, 2, 4, 8)]
     t = torch.rand(2, 4)
-    loss, per_scale = model(z, torch.tensor([1, 2]), noise=noise, t=t)
+    loss, per_scale = model(z, torch.tensor([1, 2]), noise, t)
     maps = flowar.build_scale_pyramid(z, model.scales)
     expect, weighted = [], 0.0
     for i, (s, eps) in enumerate(zip(maps, noise)):
@@ -256,36 +262,49 @@ def test_uniform_scale_weighting_is_the_plain_sum_of_eq9():
     model = tiny_model(scale_weighting='uniform')
     z = torch.randn(2, 4, 8, 8)
     noise = [torch.randn(2, 4, s, s) for s in (1, 2, 4, 8)]
-    loss, per_scale = model(z, torch.tensor([1, 2]), noise=noise, t=torch.rand(2, 4))
+    loss, per_scale = model(z, torch.tensor([1, 2]), noise, torch.rand(2, 4))
     assert torch.allclose(loss, per_scale.sum(), atol=1e-6)
     with pytest.raises(ValueError, match='scale_weighting'):
         tiny_model(scale_weighting='area')
 
 
 def test_label_dropout_uses_the_null_class():
-    # CFG training (Sec. 4): a dropped label is replaced by the null class (index num_classes)
+    # CFG training (Sec. 4): train.make_batch replaces a label by the null class
+    # (index num_classes) with probability label_drop, and the model sees the difference.
     model = tiny_model()
+    ds = _FakeMoments(torch.randn(64, 1, 8, 8, 8), torch.arange(64) % 10)
+    mcfg = dict(scales=[[1, 1], [2, 2], [4, 4], [8, 8]], latent_channels=4, num_classes=10)
+    ys = [train.make_batch(ds, list(range(64)), 0, dict(seed=0, label_drop=p), 3, mcfg, 'cpu')[1]
+          for p in (0.0, 0.5, 1.0)]
+    assert torch.equal(ys[0], torch.arange(64) % 10) and torch.all(ys[2] == 10)
+    dropped = ys[1] == 10
+    assert 16 < int(dropped.sum()) < 48 and torch.equal(ys[1][~dropped], ys[0][~dropped])
     z = torch.randn(3, 4, 8, 8)
-    noise = [torch.randn(3, 4, s, s) for s in (1, 2, 4, 8)]
-    t = torch.rand(3, 4)
-    y = torch.tensor([1, 2, 3])
-    a, _ = model(z, y, noise=noise, t=t)
-    model.class_dropout = 1.0                  # every label dropped -> same as the null class
-    c, _ = model(z, y, noise=noise, t=t, drop_labels=True)
-    d, _ = model(z, torch.full_like(y, 10), noise=noise, t=t)
-    assert torch.allclose(c, d) and not torch.allclose(a, c)
+    noise, t = fm_inputs(z)
+    a, _ = model(z, torch.tensor([1, 2, 3]), noise, t)
+    c, _ = model(z, torch.full((3,), 10), noise, t)
+    assert not torch.allclose(a, c)
+
+
+class _FakeMoments:
+    """Stands in for data.LatentDataset in make_batch: moments (N, P, 2C, h, w), labels."""
+
+    def __init__(self, moments, labels, scale_factor=1.0):
+        self.m, self.y, self.scale_factor = moments, labels, scale_factor
+
+    def moments_batch(self, idx):
+        return self.m[idx], self.y[idx]
 
 
 def test_tiny_model_overfits_a_handful_of_latents():
     model = tiny_model().train()
-    model.class_dropout = 0.0
     torch.manual_seed(0)
     z = torch.randn(8, 4, 8, 8) * 0.5 + torch.linspace(-1, 1, 8).view(8, 1, 1, 1)
     y = torch.arange(8) % 10
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     for step in range(250):
-        loss, _ = model(z, y)
+        loss, _ = model(z, y, *fm_inputs(z))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -431,7 +450,8 @@ def test_cross_attention_head_block_runs_and_is_causal_too():
     full = model.semantics(info['maps'], labels)
     for sl, s_hat in zip(model.slices, info['semantics']):
         assert (full[:, sl] - s_hat).abs().max() <= 1e-5
-    loss, per = model(torch.randn(2, 4, 8, 8), torch.tensor([0, 1]))
+    z = torch.randn(2, 4, 8, 8)
+    loss, per = model(z, torch.tensor([0, 1]), *fm_inputs(z))
     assert torch.isfinite(loss) and per.shape == (4,)
 
 
@@ -1021,24 +1041,23 @@ def test_vd_latent_cache(tmp_path, monkeypatch):
         data.build_latent_cache(other, images, labels, path, **kw)
     with pytest.raises(ValueError, match='another VAE'):
         data.LatentDataset(path, vae_fingerprint=data.vae_fingerprint(other))
-    # LatentDataset: fresh samples, mean ~ scale * average of plain and flipped means
     ds = data.LatentDataset(path, vae_fingerprint=data.vae_fingerprint(m))
     assert len(ds) == 20 and ds.scale_factor == 0.7 and ds.latent_shape == (4, 8, 8)
     mb, lb = ds.moments_batch([3, 1, 17])                          # raw moments, any order
     assert torch.equal(mb, torch.from_numpy(moments[[3, 1, 17]]))
     assert torch.equal(lb, torch.from_numpy(labels[[3, 1, 17]]))
-    torch.manual_seed(0)
-    n = 3000
-    zs = torch.stack([ds[3][0] for _ in range(n)])                    # (n, 4, 8, 8)
-    assert zs.dtype == torch.float32 and int(ds[3][1]) == labels[3]
+    # train.make_batch: a fresh posterior sample of plain or flipped moments every step;
+    # over many steps the mean is scale * the average of the plain and flipped means
+    n = 1500
+    mcfg = dict(scales=[[1, 1], [2, 2], [4, 4], [8, 8]], latent_channels=4, num_classes=10)
+    zs = torch.cat([train.make_batch(ds, [3], 0, dict(seed=0, label_drop=0.0), step, mcfg, 'cpu')[0]
+                    for step in range(n)])                              # (n, 4, 8, 8)
+    assert zs.dtype == torch.float32
     m0, m1 = torch.from_numpy(moments[3, 0, :4]), torch.from_numpy(moments[3, 1, :4])
     v0, v1 = (torch.from_numpy(moments[3, k, 4:]).exp() for k in (0, 1))
     expect = 0.7 * (m0 + m1) / 2
     var = 0.7 ** 2 * ((v0 + v1) / 2 + (m0 - m1) ** 2 / 4)             # variance of the mixture
     assert ((zs.mean(0) - expect).abs() <= 5 * (var / n).sqrt() + 1e-6).all()
-    torch.manual_seed(0)
-    z_again = torch.stack([ds[3][0] for _ in range(n)])
-    assert torch.equal(zs, z_again)                                    # global RNG decides
 
 
 def test_vd_latent_cache_without_flips(tmp_path):

@@ -419,7 +419,7 @@ def main(argv=None):
     torch.manual_seed(cfg['seed'])  # same init on every rank (DDP also broadcasts it)
     model = flowar.FlowAR.from_preset(cfg['model'], latent_channels=ds.latent_shape[0],
                                       scales=_default_scales(cfg['model'], ds.latent_shape),
-                                      num_classes=len(class_names), class_dropout=cfg['label_drop'],
+                                      num_classes=len(class_names),
                                       grad_checkpointing=cfg['grad_ckpt'],
                                       scale_weighting=cfg['scale_weighting'], init=cfg['init']).to(device)
     model.preset_name = cfg['model']
@@ -504,7 +504,7 @@ def main(argv=None):
             sync = contextlib.nullcontext() if (not ddp or m == accum - 1) else train_model.no_sync()
             with sync:
                 with autocast:
-                    loss, per_scale = train_model(z, y, noise=noise, t=t, drop_labels=False)
+                    loss, per_scale = train_model(z, y, noise, t)
                 (loss / accum).backward()
             step_loss += torch.cat([loss.detach().float()[None], per_scale.float()]) / accum
         if ddp:  # average the logged losses over ranks (and let every rank see a NaN)
