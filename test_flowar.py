@@ -1789,3 +1789,92 @@ def test_inception_score_matches_direct_formula():
     mean, std = metrics.inception_score(logits, splits=4)
     assert abs(mean - np.mean(want)) < 1e-9 * mean and abs(std - np.std(want)) < 1e-9 * mean
     assert mean > 1
+
+
+# =======================================================================================
+# ablations.py: the variants of Tables 4-6
+# =======================================================================================
+
+import ablations
+
+_ABL_ROWS = [(6, r) for r in ablations.TABLES[6]] + [(5, 'per-token'), (4, '1,4,8'), (4, '1,8')]
+
+
+@pytest.mark.parametrize('table,row', _ABL_ROWS)
+def test_abl_variant_trains_and_samples(table, row):
+    # each row's model fits a handful of latents (loss goes down) and samples the right shape
+    model = ablations.build_model(table, row, seed=0).train()
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(8, 4, 8, 8, generator=g) * 0.5 + torch.linspace(-1, 1, 8).view(8, 1, 1, 1)
+    y = torch.arange(8)
+    n = len(model.scales)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for step in range(40):
+        noise = [torch.randn(8, 4, h, w, generator=g) for h, w in model.scales]
+        loss, _ = model(z, y, noise, torch.rand(8, n, generator=g))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-8:]) / 8 < 0.7 * sum(losses[:8]) / 8, (row, losses[:8], losses[-8:])
+    out = model.sample(torch.tensor([1, 2]), num_steps=2, cfg=2.0, guidance=1.0,
+                       generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+
+
+def _abl_head_outputs(row, sem, seed=0):
+    model = ablations.build_model(6 if row != 'per-token' else 5, row, seed)
+    head = model.flownet
+    for p in head.parameters():                  # non-zero biases: every path carries signal
+        p.data.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 4, generator=g), torch.rand(2, generator=g)
+    pos = model.positions[model.slices[1]]       # the 2x2 scale: 4 tokens
+    return head(x, t, sem, pos)
+
+
+def test_abl_injections_differ_and_use_the_semantics_as_the_paper_says():
+    g = torch.Generator().manual_seed(2)
+    sem = torch.randn(2, 4, 128, generator=g)
+    rows = list(ablations.TABLES[6]) + ['per-token']
+    outs = {r: _abl_head_outputs(r, sem) for r in rows}
+    for i, a in enumerate(rows):                 # no two switches build the same head
+        for b in rows[:i]:
+            assert (outs[a] - outs[b]).abs().max() > 1e-3, (a, b)
+    swapped = sem[:, [1, 0, 2, 3]]               # the semantics of positions 0 and 1 swapped
+    for r in rows:
+        d = (_abl_head_outputs(r, swapped) - outs[r]).abs().amax(dim=(0, 2))   # (N,)
+        if r == 'adaln':                         # pooled semantics: blind to where they are
+            assert d.max() < 1e-5, r
+        else:                                    # every other injection sees the swap
+            assert d.max() > 1e-3, r
+    # per-token head (Table 5): each token's velocity depends on its own semantics only
+    moved = sem.clone()
+    moved[:, 2] += 1.0
+    d = (_abl_head_outputs('per-token', moved) - outs['per-token']).abs().amax(dim=(0, 2))
+    assert d[2] > 1e-3 and torch.all(d[[0, 1, 3]] < 1e-6)
+
+
+@pytest.mark.parametrize('row', ['1,4,8', '1,8'])
+def test_abl_scale_lists_keep_causality_and_the_kv_cache(row):
+    model = ablations.build_model(4, row, seed=0).eval()
+    assert [h for h, _ in model.scales] == [int(s) for s in row.split(',')]
+    labels = torch.tensor([3])
+    _, info = model.sample(labels, num_steps=2, cfg=1.0, generator=torch.Generator().manual_seed(0),
+                           return_details=True)
+    full = model.semantics(info['maps'], labels)            # teacher-forced, block-causal mask
+    for sl, s_hat in zip(model.slices, info['semantics']):
+        assert (full[:, sl] - s_hat).abs().max() <= 1e-5
+    maps2 = [m.clone() for m in info['maps']]
+    maps2[-1] += 1.0                                         # the last scale never feeds back
+    assert torch.equal(model.semantics(maps2, labels), full)
+
+
+def test_abl_cli_refuses_bad_rows_and_missing_base(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        ablations.main(['--table', '6', '--rows', 'sum', '--base', str(tmp_path)])
+    assert 'not in Table 6' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ablations.main(['--table', '4', '--base', str(tmp_path)])
+    assert 'run `python train.py' in capsys.readouterr().err
