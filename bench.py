@@ -92,13 +92,11 @@ def bench_preset(preset, device, args, rate):
         train_b, sample_b = max(1, train_b // 4), max(1, sample_b // 4)
     latents = torch.randn((train_b,) + LATENT_SHAPES[preset], device=device)
     noise = [torch.randn(train_b, model.latent_channels, h, w, device=device) for h, w in model.scales]
-    t = torch.rand(train_b, len(model.scales), device=device)
+    t, rows = torch.rand(train_b, len(model.scales), device=device), []
     labels = torch.randint(0, model.num_classes, (max(train_b, sample_b),), device=device)
-    rows = []
 
     # train: forward (Eq. 9) + backward + AdamW
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    model.train()
+    opt, _ = torch.optim.AdamW(model.parameters(), lr=1e-4), model.train()
 
     def train_step():
         opt.zero_grad(set_to_none=True)

@@ -85,50 +85,52 @@ def _cifar_where_to_put(root):
             f"{os.path.join(os.path.abspath(root), CIFAR10_ARCHIVE)!r}, downloaded from {CIFAR10_URL}")
 
 
-def _md5(path, chunk=1 << 20):
-    h = hashlib.md5()
+def file_hash(path, name='md5', chunk=1 << 20):
+    """Hex digest of a file with the hashlib algorithm `name` ('md5', 'sha256')."""
+    h = hashlib.new(name)
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(chunk), b''):
             h.update(block)
     return h.hexdigest()
 
 
+def download_file(url, dest, *, hash_name, expected, offline_hint, tag='[data]'):
+    """Download url to dest with a progress line (at most one a second). The bytes go to a
+    temporary file (atomic_file) that becomes dest only once complete and once its
+    `hash_name` digest starts with `expected` (a full digest or a prefix; None skips the
+    check); otherwise nothing is left behind. Returns dest."""
+    print(f"{tag} downloading {url} -> {dest}", flush=True)
+    with atomic_file(dest) as tmp:
+        try:
+            with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, 'wb') as f:
+                total = int(resp.headers.get('Content-Length') or 0)
+                done, t0, t_print = 0, time.time(), 0.0
+                while True:
+                    block = resp.read(1 << 20)
+                    if not block:
+                        break
+                    f.write(block)
+                    done += len(block)
+                    if time.time() - t_print > 1.0:
+                        t_print = time.time()
+                        rate = done / 1e6 / max(t_print - t0, 1e-9)
+                        tot = f"{total / 1e6:.1f}" if total else '?'
+                        print(f"\r{tag} {done / 1e6:.1f} / {tot} MB  {rate:.1f} MB/s", end='', flush=True)
+            print(f"\r{tag} {done / 1e6:.1f} MB downloaded in {time.time() - t0:.0f}s", flush=True)
+        except (urllib.error.URLError, OSError) as e:
+            raise RuntimeError(f"could not download {url} ({e}). {offline_hint}") from e
+        got = file_hash(tmp, hash_name)
+        if expected is not None and not got.startswith(expected):
+            raise ValueError(f"{hash_name} mismatch for the file downloaded from {url}: got {got}, "
+                             f"expected {expected}; the file was deleted. Try again, or: {offline_hint}")
+    return dest
+
+
 def download_cifar10(root, url=CIFAR10_URL, md5=CIFAR10_MD5):
     """Download the CIFAR-10 archive to root/cifar-10-python.tar.gz and check its md5.
-    The bytes go to a '.part' file that is renamed only once complete and verified.
     Returns the archive path."""
-    os.makedirs(root, exist_ok=True)
-    dest = os.path.join(root, CIFAR10_ARCHIVE)
-    tmp = dest + '.part'
-    print(f"[data] downloading {url} -> {dest}", flush=True)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, 'wb') as f:
-            total = int(resp.headers.get('Content-Length') or 0)
-            done, t0, t_print = 0, time.time(), 0.0
-            while True:
-                block = resp.read(1 << 20)
-                if not block:
-                    break
-                f.write(block)
-                done += len(block)
-                if time.time() - t_print > 1.0:     # one progress line per second at most
-                    t_print = time.time()
-                    rate = done / 1e6 / max(t_print - t0, 1e-9)
-                    tot = f"{total / 1e6:.1f}" if total else '?'
-                    print(f"\r[data] {done / 1e6:.1f} / {tot} MB  {rate:.1f} MB/s", end='', flush=True)
-        print(f"\r[data] {done / 1e6:.1f} MB downloaded in {time.time() - t0:.0f}s", flush=True)
-    except (urllib.error.URLError, OSError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise RuntimeError(f"could not download CIFAR-10 from {url} ({e}). If this machine is "
-                           f"offline: {_cifar_where_to_put(root)}") from e
-    got = _md5(tmp)
-    if md5 is not None and got != md5:
-        os.remove(tmp)
-        raise ValueError(f"md5 mismatch for the file downloaded from {url}: got {got}, "
-                         f"expected {md5}; the file was deleted. Try again, or: {_cifar_where_to_put(root)}")
-    os.replace(tmp, dest)
-    return dest
+    return download_file(url, os.path.join(root, CIFAR10_ARCHIVE), hash_name='md5', expected=md5,
+                         offline_hint=f"If this machine is offline: {_cifar_where_to_put(root)}")
 
 
 def _cifar_unpickle(fileobj, name):

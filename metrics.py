@@ -23,12 +23,9 @@ Only torch, numpy and pillow are used.
 """
 
 import argparse
-import hashlib
 import json
 import os
 import time
-import urllib.error
-import urllib.request
 
 import numpy as np
 import torch
@@ -518,50 +515,13 @@ def load_inception(path, device='cpu'):
     return model.to(device).eval().requires_grad_(False)
 
 
-def _sha256(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(chunk), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download_inception(path, url=INCEPTION_URL, sha256_prefix='6726825d'):
-    """Download pytorch-fid's Inception weights (about 92 MB) to path. The bytes go to a
-    '.part' file, renamed only once complete and once its sha256 starts with sha256_prefix
-    (torch hub's convention: the 8 hex digits in the file name; None skips the check).
-    Returns path."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.part'
-    print(f"[inception] downloading {url} -> {path}", flush=True)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, 'wb') as f:
-            total = int(resp.headers.get('Content-Length') or 0)
-            done, t0, t_print = 0, time.time(), 0.0
-            while True:
-                block = resp.read(1 << 20)
-                if not block:
-                    break
-                f.write(block)
-                done += len(block)
-                if time.time() - t_print > 1.0:     # one progress line per second at most
-                    t_print = time.time()
-                    rate = done / 1e6 / max(t_print - t0, 1e-9)
-                    tot = f"{total / 1e6:.1f}" if total else '?'
-                    print(f"\r[inception] {done / 1e6:.1f} / {tot} MB  {rate:.1f} MB/s", end='', flush=True)
-        print(f"\r[inception] {done / 1e6:.1f} MB downloaded in {time.time() - t0:.0f}s", flush=True)
-    except (urllib.error.URLError, OSError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise RuntimeError(f"could not download {url} ({e}). If this machine is offline, "
-                           f"copy {INCEPTION_FILE} to {os.path.abspath(path)!r} by hand") from e
-    got = _sha256(tmp)
-    if sha256_prefix is not None and not got.startswith(sha256_prefix):
-        os.remove(tmp)
-        raise ValueError(f"sha256 mismatch for the file downloaded from {url}: got {got}, expected "
-                         f"{sha256_prefix}...; the file was deleted")
-    os.replace(tmp, path)
-    return path
+    """Download pytorch-fid's Inception weights (about 92 MB) to path; kept only once its
+    sha256 starts with sha256_prefix (torch hub's convention: the 8 hex digits in the file
+    name; None skips the check). Returns path."""
+    return data.download_file(url, path, hash_name='sha256', expected=sha256_prefix, tag='[inception]',
+                              offline_hint=f"If this machine is offline, copy {INCEPTION_FILE} to "
+                                           f"{os.path.abspath(path)!r} by hand")
 
 
 @torch.no_grad()
