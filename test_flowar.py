@@ -661,6 +661,13 @@ def test_checkpoint_from_another_config_is_refused_naming_the_fields(toy_setup, 
     _run_train(tmp_path / 'c', vae_path, '--max-steps', '1')
     with pytest.raises(SystemExit, match=r'(?s)different configuration.*seed'):
         _run_train(tmp_path / 'c', vae_path, '--max-steps', '2', '--seed', '5')
+    # a checkpoint of an older version that recorded class_dropout in the model config
+    # still resumes (the value is --label-drop now), any other model field is refused
+    m = dict(flowar.FlowAR.from_preset('toy').config)
+    saved = dict(model=dict(m, class_dropout=0.1), dataset='cifar10', batch_size=64, seed=0, vae_fingerprint='f')
+    train.check_resume_config(saved, dict(saved), m, 'ck.pt')
+    with pytest.raises(SystemExit, match='model.head_depth'):
+        train.check_resume_config(saved, dict(saved), dict(m, head_depth=3), 'ck.pt')
 
 
 def test_bad_cli_values_are_refused(capsys):

@@ -273,8 +273,9 @@ def make_batch(ds, indices, global_offset, cfg, step, model_cfg, device):
 def check_resume_config(saved, cfg, model_cfg, path):
     """Refuse a checkpoint made for another model or data, naming the differing fields."""
     diffs = []
-    for k in sorted(set(saved['model']) | set(model_cfg)):
-        a, b = saved['model'].get(k), model_cfg.get(k)
+    saved_model = {k: v for k, v in saved['model'].items() if k != 'class_dropout'}  # legacy: now --label-drop only
+    for k in sorted(set(saved_model) | set(model_cfg)):
+        a, b = saved_model.get(k), model_cfg.get(k)
         if a != b:
             diffs.append(f"model.{k}: checkpoint {a!r}, now {b!r}")
     for k in ('dataset', 'batch_size', 'seed', 'vae_fingerprint'):
