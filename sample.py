@@ -137,7 +137,7 @@ def sampling_settings(preset, num_steps=None, cfg=None, guidance=None, cfg_ramp=
         unset = ['--' + k.replace('_', '-') for k, v in given.items() if v is None]
         raise ValueError(f"no sampling defaults for the model preset {preset!r} (known: "
                          f"{sorted(SAMPLING_DEFAULTS)}); pass {' '.join(unset)} explicitly")
-    return {k: (SAMPLING_DEFAULTS[preset].get(k, True) if v is None else v) for k, v in given.items()}
+    return {k: (SAMPLING_DEFAULTS[preset][k] if v is None else v) for k, v in given.items()}
 
 
 def parse_classes(text, num_classes):
@@ -385,9 +385,8 @@ def build_parser():
     p.add_argument('--ema', action=argparse.BooleanOptionalAction, default=True,
                    help="sample the EMA weights of --ckpt (default) or the raw ones (--no-ema)")
     g = p.add_argument_group("sampling (defaults: flowar.SAMPLING_DEFAULTS of the model preset)")
-    g.add_argument('--num-steps', type=int, help="size of the released time grid per scale: 50 gives "
-                   "50 Euler steps; any other n gives n // 2 + n // 2 + 1 grid points (25 -> 24 steps, "
-                   "flowar.euler_time_grid)")
+    g.add_argument('--num-steps', type=int, help="the released time grid per scale (flowar.euler_time_grid): "
+                   "n Euler steps for even n (50: uniform), n - 1 for odd n (25 -> 24, as released)")
     g.add_argument('--cfg', type=float, help="classifier-free guidance weight at the last scale")
     g.add_argument('--guidance', type=float, help="guidance only while t <= this (the interval)")
     g.add_argument('--cfg-ramp', action=argparse.BooleanOptionalAction, default=None,
