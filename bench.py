@@ -4,13 +4,15 @@ Speed of flowar.py on this machine, as a share of the machine's own matmul rate.
     python bench.py                          # presets toy and S (about 5 min on 2 CPU cores)
     python bench.py --presets toy --quick    # about 20 s
     python bench.py --device cuda --bf16     # on a GPU, bf16 autocast
+    python bench.py --device cuda --bf16 --compile --presets S   # and torch.compile
 
 Per preset, on random data of the right shapes: `train` (loss of Eq. 9 + backward + AdamW),
 `sample` (model.sample at flowar.SAMPLING_DEFAULTS), and the AR stage of sampling alone
 with and without the KV cache. Each row: the median seconds per call after --warmup
 untimed calls (min-max beside it), images/s, FLOPs per image counted by torch's
 FlopCounterMode on one call (matmuls, convolutions, attention; element-wise work is not
-counted), GFLOP/s, and their *share of the matmul rate*, the speed of 2048^3 products
+counted; with --compile they are counted on the eager model before it is compiled),
+GFLOP/s, and their *share of the matmul rate*, the speed of 2048^3 products
 measured at the start of the same run. Optimise the share: absolute times on a shared
 machine drift, the share much less. Peak memory: torch.cuda's peak on a GPU, on a CPU the
 peak resident size of this process so far (it includes the rows above).
@@ -69,14 +71,18 @@ def peak_mib(device):  # ru_maxrss is in KiB on Linux
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def measure(name, fn, images, device, args, rate, repeats=None):
-    """Time fn, count its FLOPs, and return one row of the table."""
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-    times = time_calls(fn, device, args.warmup, repeats or args.repeats)
+def measure(name, fn, images, device, args, rate, repeats=None, compile_modules=()):
+    """Count fn's FLOPs (eager), compile `compile_modules` if --compile, time fn, and
+    return one row of the table."""
     with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as fc:
         fn()
     flops = fc.get_total_flops()
+    if args.compile:
+        for m in compile_modules:
+            m.compile()  # in place: the module keeps its parameters and names
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    times = time_calls(fn, device, args.warmup, repeats or args.repeats)
     med = statistics.median(times)
     return dict(work=name, batch=images, median_s=med, min_s=min(times), max_s=max(times),
                 images_per_s=images / med, gflop_per_image=flops / images / 1e9,
@@ -104,7 +110,8 @@ def bench_preset(preset, device, args, rate):
             loss, _ = model(latents, labels[:train_b], noise, t)
         loss.backward()
         opt.step()
-    rows.append(measure('train (fwd+bwd+AdamW)', train_step, train_b, device, args, rate))
+    rows.append(measure('train (fwd+bwd+AdamW)', train_step, train_b, device, args, rate,
+                        compile_modules=[model]))
 
     # sample: the preset's sampling defaults, one call = sample_b images
     model.eval()
@@ -116,7 +123,10 @@ def bench_preset(preset, device, args, rate):
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
             model.sample(labels[:sample_b], generator=gen, **sd)
     name = f"sample ({sd['num_steps']} steps, cfg {sd['cfg']}{' ramp' if sd['cfg_ramp'] else ''})"
-    rows.append(measure(name, sample, sample_b, device, args, rate, repeats=args.sample_repeats))
+    # sampling calls the blocks and the head, not model.forward: compile those
+    blocks = [*model.encoder_blocks, *model.decoder_blocks, model.flownet]
+    rows.append(measure(name, sample, sample_b, device, args, rate, repeats=args.sample_repeats,
+                        compile_modules=blocks))
 
     # kv: the AR stage with and without the cache, on the CFG batch of sampling
     y = torch.cat([labels[:sample_b], torch.full((sample_b,), model.num_classes, device=device)])
@@ -143,7 +153,7 @@ def bench_preset(preset, device, args, rate):
 
 
 def print_table(rows, kv, rate, device, args):
-    print(f"\nmatmul rate (2048^3, {'bf16' if args.bf16 else 'fp32'}): {rate / 1e9:.0f} GFLOP/s on "
+    print(f"\nmatmul rate (2048^3, {'bf16' if args.bf16 else 'fp32'}){' --compile' if args.compile else ''}: {rate / 1e9:.0f} GFLOP/s on "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
     print("| preset | params | work | batch | s per call: median (min-max) | images/s | GFLOP/image "
@@ -170,6 +180,7 @@ def main(argv=None):
     p.add_argument('--warmup', type=int, default=2, help="untimed calls first")
     p.add_argument('--quick', action='store_true', help="1 warm-up, 2 repeats, 1/4 of the batches")
     p.add_argument('--bf16', action='store_true', help="bf16 autocast (and a bf16 matmul rate)")
+    p.add_argument('--compile', action='store_true', help="torch.compile the model (train) and its blocks (sample)")
     p.add_argument('--threads', type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument('--json', help="also write every number to this file")
     args = p.parse_args(argv)

@@ -197,7 +197,7 @@ def test_spatial_adaln_block_is_eq10_written_out():
     LN = lambda z: z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + 1e-6)
     F1 = x + block.attn(LN(x) * (1 + gamma1) + beta1, pos) * alpha1
     F2 = F1 + block.mlp(LN(F1) * (1 + gamma2) + beta2) * alpha2
-    assert (block(x, t_emb, c, None, pos) - F2).abs().max() < 1e-5
+    assert (block(x, t_emb, c, None, pos) - F2).abs().max() < 1e-6 * F2.abs().max()  # |F2| ~ 1e3
 
 
 def test_flow_head_uses_semantics_position_by_position():

@@ -36,8 +36,8 @@ import os
 import signal
 import sys
 import time
+from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -363,43 +363,49 @@ def write_sample_grid(model, vae, scale_factor, path, num_classes, per_class=8, 
 
 
 # ---------------------------------------------------------------------------------------
-# Stage 4: FlowAR training
+# A run, and stage 4: FlowAR training
 # ---------------------------------------------------------------------------------------
 
 def main(argv=None):
+    """A run, stage by stage (top of this file); rerunning it skips what exists, resumes the rest."""
     cfg = parse_args(argv)
+    run = setup_distributed(cfg)              # device, rank, world size, log(); OUT/ exists
+    batch = split_batch(cfg, run.world_size)  # checked before the long stages 1-3
 
-    # --- distributed set-up: one switch, "is RANK in the environment?" ---
-    ddp = 'RANK' in os.environ
-    if cfg['device']:
-        device = torch.device(cfg['device'])
-    else:
-        device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    if ddp:
-        rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-        local_rank = int(os.environ.get('LOCAL_RANK', 0))
-        if device.type == 'cuda':
-            device = torch.device('cuda', local_rank)
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
-    else:
-        rank, world_size = 0, 1
-    master = rank == 0
-    out = cfg['out']
+    # --- stages 1-3 ---
+    ds, vae, vae_path, scale_factor, class_names = prepare_latents(cfg, run.rank, run.world_size, run.device, run.log)
+    cfg.update(vae_fingerprint=ds.header['vae_fingerprint'], vae_path=vae_path)
 
-    def log(msg):
-        if master:
-            print(msg, flush=True)
+    # --- stage 4: model, EMA, optimizer; resume; train ---
+    model, ema, opt = build_model(cfg, ds.latent_shape, len(class_names), batch.lr, run.device)
+    if len(ds) < batch.size:
+        raise SystemExit(f"the dataset has {len(ds)} items, fewer than one batch of {batch.size}")
+    train_cfg = dict(cfg, preset=cfg['preset'], model_preset=cfg['model'], model=model.config,
+                     vae=vae_path, vae_scale_factor=float(scale_factor))   # what a checkpoint records
+    step0 = resume(run, train_cfg, model, ema, opt)
+    rows = min(cfg['num_sample_classes'], len(class_names))
+    sample_grid = lambda path: write_sample_grid(ema, vae, scale_factor, path, rows, seed=cfg['seed'])
+    step = train(cfg, run, batch, model, ema, opt, ds, step0, train_cfg, sample_grid)
 
-    if device.type == 'cuda':
-        torch.backends.cuda.matmul.allow_tf32 = True   # TF32: the released training precision
-        torch.backends.cudnn.allow_tf32 = True
-    if master:
-        os.makedirs(out, exist_ok=True)
-    if ddp:
-        dist.barrier()
+    # --- stage 5: samples from the EMA weights (skipped if nothing was trained and the grid exists) ---
+    grid_path = os.path.join(cfg['out'], 'samples.png')
+    if run.master and step == step0 and os.path.exists(grid_path):
+        run.log(f"[stage samples] {grid_path} exists; nothing new to sample")
+    elif run.master:
+        t0 = time.time()
+        path = sample_grid(grid_path)
+        run.log(f"[stage samples] {path} ({time.time() - t0:.0f}s); rows = classes "
+                f"{', '.join(class_names[:cfg['num_sample_classes']])}")
+        if cfg['dataset'] == 'cifar10':  # the number behind the picture (metrics.py)
+            npz = os.path.join(cfg['out'], 'samples10k.npz')
+            run.log(f"[quality] measure it: python sample.py --ckpt {run.ckpt_path} --num-images 10000 "
+                    f"--batch-size 100 --npz {npz} && python metrics.py score {npz} --data-dir {cfg['data_dir']}")
+    _cleanup(run.ddp)
 
-    # --- global batch -> per-rank micro-batches with gradient accumulation ---
+
+def split_batch(cfg, world_size):
+    """The global batch (--batch-size) = world_size ranks x accum micro-batches (gradient
+    accumulation) x micro samples; and the peak lr, lr = blr * batch / 256 unless --lr."""
     B = cfg['batch_size']
     if B % world_size:
         raise SystemExit(f"--batch-size {B} is not divisible by the {world_size} ranks")
@@ -408,111 +414,54 @@ def main(argv=None):
     if per_rank % micro:
         raise SystemExit(f"per-rank batch {per_rank} (= {B} / {world_size} ranks) is not divisible "
                          f"by --micro-batch {micro}")
-    accum = per_rank // micro
-    lr_peak = cfg['lr'] or cfg['blr'] * B / 256
+    return SimpleNamespace(size=B, per_rank=per_rank, micro=micro, accum=per_rank // micro,
+                           lr=cfg['lr'] or cfg['blr'] * B / 256)
 
-    # --- stages 1-3 ---
-    ds, vae, vae_path, scale_factor, class_names = prepare_latents(cfg, rank, world_size, device, log)
-    cfg['vae_fingerprint'] = ds.header['vae_fingerprint']
-    cfg['vae_path'] = vae_path
 
-    # --- model, EMA, optimizer ---
+def build_model(cfg, latent_shape, num_classes, lr, device):
+    """FlowAR from its preset, the EMA copy of its weights, and AdamW."""
     torch.manual_seed(cfg['seed'])  # same init on every rank (DDP also broadcasts it)
-    model = flowar.FlowAR.from_preset(cfg['model'], latent_channels=ds.latent_shape[0],
-                                      scales=_default_scales(cfg['model'], ds.latent_shape),
-                                      num_classes=len(class_names),
-                                      grad_checkpointing=cfg['grad_ckpt'],
-                                      scale_weighting=cfg['scale_weighting'], init=cfg['init']).to(device)
+    model = flowar.FlowAR.from_preset(cfg['model'], latent_channels=latent_shape[0], num_classes=num_classes,
+                                      scales=_default_scales(cfg['model'], latent_shape), init=cfg['init'],
+                                      grad_checkpointing=cfg['grad_ckpt'], scale_weighting=cfg['scale_weighting']).to(device)
     model.preset_name = cfg['model']
-    model_cfg = model.config
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(param_groups(model, cfg['weight_decay']), lr=lr_peak,
+    opt = torch.optim.AdamW(param_groups(model, cfg['weight_decay']), lr=lr,
                             betas=(cfg['beta1'], cfg['beta2']), fused=device.type == 'cuda')
-    n_params = sum(p.numel() for p in model.parameters())
+    return model, ema, opt
 
+
+def train(cfg, run, batch, model, ema, opt, ds, step, train_cfg, sample_grid):
+    """Stage 4: optimizer steps (one global batch each, then the EMA) from `step` to the end
+    of the schedule; logs, checkpoints every --ckpt-every steps and at the end. Ctrl-C on
+    any rank: finish the step, save, exit. Returns the last step."""
+    B, device, log = batch.size, run.device, run.log
     steps_per_epoch = len(ds) // B
-    if steps_per_epoch == 0:
-        raise SystemExit(f"the dataset has {len(ds)} items, fewer than one batch of {B}")
     total_steps = cfg['max_steps'] or int(cfg['epochs'] * steps_per_epoch)
-
-    # --- resume ---
-    ckpt_path = os.path.join(out, 'ckpt.pt')
-    step = 0
-    train_cfg = dict(cfg, preset=cfg['preset'], model_preset=cfg['model'], model=model_cfg,
-                     vae=vae_path, vae_scale_factor=float(scale_factor))
-    if os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-        check_resume_config(ck['config'], train_cfg, model_cfg, ckpt_path)
-        model.load_state_dict(ck['model'])
-        ema.load_state_dict(ck['ema'])
-        opt.load_state_dict(ck['optimizer'])
-        step = int(ck['step'])
-        rng = ck['rng'][rank] if rank < len(ck['rng']) else ck['rng'][0]
-        torch.set_rng_state(rng['torch'])
-        if device.type == 'cuda' and 'cuda' in rng:
-            torch.cuda.set_rng_state(rng['cuda'], device)
-        log(f"[resume] {ckpt_path} at step {step}")
-    else:
-        torch.manual_seed(cfg['seed'] + rank)  # per-rank seed (dropout inside the model)
-
-    train_model = model
-    if cfg['compile']:
-        train_model = torch.compile(model)  # checkpoints always hold the raw module's keys
-    if ddp:
+    train_model = torch.compile(model) if cfg['compile'] else model  # checkpoints hold the raw module's keys
+    if run.ddp:
         train_model = DDP(train_model, device_ids=[device.index] if device.type == 'cuda' else None)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg['precision'] == 'bf16'
-                else contextlib.nullcontext())
-
-    def save_checkpoint():
-        rng = {'torch': torch.get_rng_state()}
-        if device.type == 'cuda':
-            rng['cuda'] = torch.cuda.get_rng_state(device)
-        rngs = [None] * world_size
-        if ddp:
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
-        if master:  # never lose a checkpoint: temp file, then rename
-            data.atomic_save({'model': model.state_dict(), 'ema': ema.state_dict(),
-                                 'optimizer': opt.state_dict(), 'step': step,
-                                 'epoch': step // steps_per_epoch, 'config': train_cfg,
-                                 'rng': rngs}, ckpt_path)
-
-    # Ctrl-C: finish the current step, save, exit.
-    stop = {'now': False}
+    stop = {'now': False}  # Ctrl-C: finish the current step, save, exit
     previous_handler = signal.signal(signal.SIGINT, lambda *a: stop.update(now=True))
-
-    log(f"[stage flowar] model {cfg['model']} ({n_params / 1e6:.2f}M params), {len(ds)} latents "
-        f"{tuple(ds.latent_shape)}, global batch {B} = {world_size} ranks x {accum} x {micro}, "
-        f"lr {lr_peak:.2e}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, device {device}")
-    log_file = open(os.path.join(out, 'log.jsonl'), 'a') if master else None
+    log(f"[stage flowar] model {cfg['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
+        f"{len(ds)} latents {tuple(ds.latent_shape)}, global batch {B} = {run.world_size} ranks x {batch.accum} x "
+        f"{batch.micro}, lr {batch.lr:.2e}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, device {device}")
+    log_file = open(os.path.join(cfg['out'], 'log.jsonl'), 'a') if run.master else None
     t_log, n_log, t_start, step0 = time.time(), 0, time.time(), step
     sums, n_sums, order_epoch = 0.0, 0, None
     train_model.train()
-    while step < total_steps and not _any_rank(stop['now'], ddp, device):
+    while step < total_steps and not _any_rank(stop['now'], run.ddp, device):
         epoch = step // steps_per_epoch
-        lr = lr_at(step / steps_per_epoch, lr_peak, cfg['min_lr'], cfg['warmup_epochs'], cfg['epochs'])
+        lr = lr_at(step / steps_per_epoch, batch.lr, cfg['min_lr'], cfg['warmup_epochs'], cfg['epochs'])
         for group in opt.param_groups:
             group['lr'] = lr
         if epoch != order_epoch:
             order, order_epoch = epoch_order(len(ds), cfg['seed'], epoch), epoch
         batch_idx = order[(step % steps_per_epoch) * B:(step % steps_per_epoch + 1) * B]  # global batch
-        step_loss = torch.zeros(1 + len(model.scales), device=device)
-        for m in range(accum):
-            off = rank * per_rank + m * micro                      # position in the global batch
-            z, y, noise, t = make_batch(ds, batch_idx[off:off + micro].tolist(), off, cfg, step, model_cfg, device)
-            # DDP: sync gradients only on the last micro-step (set before the forward)
-            sync = contextlib.nullcontext() if (not ddp or m == accum - 1) else train_model.no_sync()
-            with sync:
-                with autocast:
-                    loss, per_scale = train_model(z, y, noise, t)
-                (loss / accum).backward()
-            step_loss += torch.cat([loss.detach().float()[None], per_scale.float()]) / accum
-        if ddp:  # average the logged losses over ranks (and let every rank see a NaN)
-            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+        step_loss = forward_backward(model, train_model, ds, batch_idx, cfg, step, batch, run)
         if not torch.isfinite(step_loss[0]):
             raise SystemExit(f"non-finite loss at step {step} ({step_loss[0].item()}); stopping without "
-                             f"saving. The last good checkpoint is {ckpt_path}. With --precision bf16 "
+                             f"saving. The last good checkpoint is {run.ckpt_path}. With --precision bf16 "
                              "try fp32 (the authors report NaNs with mixed precision), or lower --lr.")
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'] or float('inf'))
         opt.step()
@@ -534,40 +483,44 @@ def main(argv=None):
             log(f"step {step}/{total_steps} ep {rec['epoch']:.2f} loss {avg[0]:.4f} "
                 f"[{' '.join(f'{v:.3f}' for v in avg[1:])}] lr {lr:.2e} gnorm {float(gnorm):.2f} "
                 f"{ips:.0f} img/s ETA {eta / 60:.1f} min")
-            if master:
+            if run.master:
                 log_file.write(json.dumps(rec) + '\n')
                 log_file.flush()
             t_log, n_log = time.time(), 0
         if step % cfg['ckpt_every'] == 0:
-            save_checkpoint()
-        if master and cfg['sample_every'] and step % cfg['sample_every'] == 0:
-            write_sample_grid(ema, vae, scale_factor, os.path.join(out, f'samples_{step:07d}.png'),
-                              min(cfg['num_sample_classes'], len(class_names)), seed=cfg['seed'])
+            save_checkpoint(run, model, ema, opt, step, step // steps_per_epoch, train_cfg)
+        if run.master and cfg['sample_every'] and step % cfg['sample_every'] == 0:
+            sample_grid(os.path.join(cfg['out'], f'samples_{step:07d}.png'))
 
-    save_checkpoint()
+    save_checkpoint(run, model, ema, opt, step, step // steps_per_epoch, train_cfg)
     signal.signal(signal.SIGINT, previous_handler)
     if stop['now']:
-        log(f"[interrupted] checkpoint saved at step {step}: {ckpt_path}; rerun the same command to resume")
-        _cleanup(ddp)
+        log(f"[interrupted] checkpoint saved at step {step}: {run.ckpt_path}; rerun the same command to resume")
+        _cleanup(run.ddp)
         sys.exit(130)
-    log(f"[stage flowar] done: {step - step0} steps in {(time.time() - t_start) / 60:.1f} min -> {ckpt_path}")
+    log(f"[stage flowar] done: {step - step0} steps in {(time.time() - t_start) / 60:.1f} min -> {run.ckpt_path}")
+    return step
 
-    # --- stage 5: samples from the EMA weights (skipped if this run trained nothing and
-    # the grid exists already) ---
-    grid_path = os.path.join(out, 'samples.png')
-    if master and step == step0 and os.path.exists(grid_path):
-        log(f"[stage samples] {grid_path} exists; nothing new to sample")
-    elif master:
-        t0 = time.time()
-        path = write_sample_grid(ema, vae, scale_factor, grid_path,
-                                 min(cfg['num_sample_classes'], len(class_names)), seed=cfg['seed'])
-        log(f"[stage samples] {path} ({time.time() - t0:.0f}s); rows = classes "
-            f"{', '.join(class_names[:cfg['num_sample_classes']])}")
-        if cfg['dataset'] == 'cifar10':  # the number behind the picture (metrics.py)
-            npz = os.path.join(out, 'samples10k.npz')
-            log(f"[quality] measure it: python sample.py --ckpt {ckpt_path} --num-images 10000 "
-                f"--batch-size 100 --npz {npz} && python metrics.py score {npz} --data-dir {cfg['data_dir']}")
-    _cleanup(ddp)
+
+def forward_backward(model, train_model, ds, batch_idx, cfg, step, batch, run):
+    """Gradients of one global batch (`batch_idx`) from this rank's batch.accum micro-batches
+    (loss / accum each: they add up to the mean). Returns its [loss, per-scale losses]."""
+    autocast = (torch.autocast(run.device.type, dtype=torch.bfloat16) if cfg['precision'] == 'bf16'
+                else contextlib.nullcontext())
+    step_loss = torch.zeros(1 + len(model.scales), device=run.device)
+    for m in range(batch.accum):
+        off = run.rank * batch.per_rank + m * batch.micro        # position in the global batch
+        z, y, noise, t = make_batch(ds, batch_idx[off:off + batch.micro].tolist(), off, cfg, step, model.config, run.device)
+        # DDP: sync gradients only on the last micro-step (set before the forward)
+        sync = contextlib.nullcontext() if (not run.ddp or m == batch.accum - 1) else train_model.no_sync()
+        with sync:
+            with autocast:
+                loss, per_scale = train_model(z, y, noise, t)
+            (loss / batch.accum).backward()
+        step_loss += torch.cat([loss.detach().float()[None], per_scale.float()]) / batch.accum
+    if run.ddp:  # average the logged losses over ranks (and let every rank see a NaN)
+        dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+    return step_loss
 
 
 def _default_scales(model_preset, latent_shape):
@@ -577,6 +530,37 @@ def _default_scales(model_preset, latent_shape):
         raise SystemExit(f"model {model_preset} ends at scale {scales[-1]} but the VAE gives "
                          f"{tuple(latent_shape[1:])} latents; use a matching --model / --vae / --image-size")
     return scales
+
+
+# ---------------------------------------------------------------------------------------
+# Machinery: processes (DDP) and checkpoints
+# ---------------------------------------------------------------------------------------
+
+def setup_distributed(cfg):
+    """One switch, "is RANK in the environment?" (torchrun sets it). Joins the process group,
+    creates OUT. Returns ddp, rank, world_size, master (rank 0), device, log, ckpt_path."""
+    ddp = 'RANK' in os.environ
+    device = torch.device(cfg['device'] or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    rank, world_size = 0, 1
+    if ddp:
+        rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
+        if device.type == 'cuda':  # device_id: nccl binds this rank to its GPU (no guessing)
+            device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+            torch.cuda.set_device(device)
+            dist.init_process_group(backend='nccl', device_id=device)
+        else:
+            dist.init_process_group(backend='gloo')
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = True   # TF32: the released training precision
+        torch.backends.cudnn.allow_tf32 = True
+    master = rank == 0
+    if master:
+        os.makedirs(cfg['out'], exist_ok=True)
+    if ddp:
+        dist.barrier()
+    return SimpleNamespace(ddp=ddp, rank=rank, world_size=world_size, master=master, device=device,
+                           log=lambda msg: print(msg, flush=True) if master else None,
+                           ckpt_path=os.path.join(cfg['out'], 'ckpt.pt'))
 
 
 def _any_rank(flag, ddp, device):
@@ -589,9 +573,43 @@ def _any_rank(flag, ddp, device):
 
 
 def _cleanup(ddp):
+    """Leave the process group (all ranks together)."""
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def resume(run, train_cfg, model, ema, opt):
+    """Load run.ckpt_path if it exists: weights, EMA, optimizer, step and this rank's RNG
+    state (exact resume). A fresh run seeds each rank instead. Returns the step to start at."""
+    if not os.path.exists(run.ckpt_path):
+        torch.manual_seed(train_cfg['seed'] + run.rank)  # per-rank seed (dropout inside the model)
+        return 0
+    ck = torch.load(run.ckpt_path, map_location='cpu', weights_only=True)
+    check_resume_config(ck['config'], train_cfg, model.config, run.ckpt_path)
+    model.load_state_dict(ck['model'])
+    ema.load_state_dict(ck['ema'])
+    opt.load_state_dict(ck['optimizer'])
+    step = int(ck['step'])
+    rng = ck['rng'][run.rank] if run.rank < len(ck['rng']) else ck['rng'][0]
+    torch.set_rng_state(rng['torch'])
+    if run.device.type == 'cuda' and 'cuda' in rng:
+        torch.cuda.set_rng_state(rng['cuda'], run.device)
+    run.log(f"[resume] {run.ckpt_path} at step {step}")
+    return step
+
+
+def save_checkpoint(run, model, ema, opt, step, epoch, config):
+    """run.ckpt_path <- weights, EMA, optimizer, step, config, every rank's RNG (call on all ranks)."""
+    rng = {'torch': torch.get_rng_state()}
+    if run.device.type == 'cuda':
+        rng['cuda'] = torch.cuda.get_rng_state(run.device)
+    rngs = [rng] * run.world_size
+    if run.ddp:  # every rank's (all_gather_object overwrites the list)
+        dist.all_gather_object(rngs, rng)
+    if run.master:  # never lose a checkpoint: temp file, then rename
+        data.atomic_save({'model': model.state_dict(), 'ema': ema.state_dict(), 'optimizer': opt.state_dict(),
+                          'step': step, 'epoch': epoch, 'config': config, 'rng': rngs}, run.ckpt_path)
 
 
 if __name__ == '__main__':
