@@ -53,7 +53,7 @@ PRESETS = {
         norm_groups=32,
     ),
     # A small VAE for 32x32 images (CIFAR-10, procedural shapes): 32x32x3 -> 8x8x4 latent,
-    # the input of the toy FlowAR (scales 1, 2, 4, 8). Sized to train in minutes on 2 CPU
+    # the input of the toy FlowAR (scales 1, 8). Sized to train in minutes on 2 CPU
     # cores (1.29M parameters, ~160 img/s training there with batch 64, L1 loss, lr 2e-3).
     # Measured CIFAR-10 test PSNR: 24.3 dB after 850 steps / 340 s; 25.1 dB after 1000
     # steps (of a 3000-step cosine run) / ~15 min on a shared, half-loaded CPU; 25.6 at 1500.
