@@ -234,7 +234,7 @@ def image_pyramid_moments(vae, ds, scales, data_dir, path):
     print(f"[ablations] encoding the image pyramid of {len(images)} images -> {path}", flush=True)
     with torch.no_grad():
         for b in range(0, len(images), 500):
-            x = torch.from_numpy(images[b:b + 500]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+            x = data.to_float(torch.from_numpy(images[b:b + 500]))                     # (B, 3, H, W)
             x = torch.stack([x, x.flip(3)], 1) if key['flips'] else x[:, None]      # (B, P, 3, H, W)
             for i, (h, w) in enumerate(scales[:-1]):
                 post = vae.encode(F.interpolate(x.flatten(0, 1), size=(f * h, f * w), mode='area'))

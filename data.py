@@ -231,10 +231,20 @@ def random_resized_crop_flip(pil_image, image_size):
     return pil_image
 
 
+def to_float(x_uint8):
+    """uint8 images (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1]: the one conversion
+    of pixels into the VAE's input range (the inverse is to_uint8)."""
+    return x_uint8.movedim(-1, -3).float().div(127.5).sub(1.0)
+
+
+def to_uint8(x):
+    """float images (..., 3, H, W) in about [-1, 1] -> uint8 (..., H, W, 3), clamped and rounded."""
+    return x.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).movedim(-3, -1)
+
+
 def pil_to_tensor(pil_image):
     """RGB PIL image -> float tensor (3, H, W) in [-1, 1]."""
-    arr = np.asarray(pil_image, dtype=np.uint8)                     # (H, W, 3)
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
+    return to_float(torch.from_numpy(np.asarray(pil_image, dtype=np.uint8).copy()))  # from (H, W, 3)
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -471,8 +481,7 @@ def build_latent_cache(vae, images_or_dataset, labels, path, *, scale_factor, ba
         # yields (batch index, float images (B, 3, H, W) in [-1, 1])
         if is_array:
             for b in pending:
-                x = torch.from_numpy(images[b * batch_size:(b + 1) * batch_size])
-                yield b, x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+                yield b, to_float(torch.from_numpy(images[b * batch_size:(b + 1) * batch_size]))
         else:
             sampler = [list(range(b * batch_size, min(N, (b + 1) * batch_size))) for b in pending]
             loader = torch.utils.data.DataLoader(images_or_dataset, batch_sampler=sampler,

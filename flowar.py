@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 # ---------------------------------------------------------------------------------------
 # Presets. S, L and H reproduce the released factories exactly (same parameter counts);
 # B is the paper's ~300M size (no released weights); toy (1.9M parameters) is for a CPU
-# run on CIFAR-10 latents of a small VAE (4 x 8 x 8), sized for ~12 minutes of training on
+# run on CIFAR-10 latents of a small VAE (4 x 8 x 8), sized for ~8 minutes of training on
 # 2 CPU cores: at that budget a small model that sees more images beats a bigger one.
 # ---------------------------------------------------------------------------------------
 

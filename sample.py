@@ -54,7 +54,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-from data import CIFAR10_CLASSES, SHAPES_CLASSES, atomic_file
+from data import CIFAR10_CLASSES, SHAPES_CLASSES, atomic_file, to_uint8
 from flowar import FlowAR, SAMPLING_DEFAULTS, load_official_state_dict
 from vae import load_state_dict_strict, load_vae
 
@@ -166,17 +166,11 @@ def chunk_generator(seed, chunk):
     return torch.Generator('cpu').manual_seed(seed * SEED_STRIDE + chunk)
 
 
-def to_uint8(images):
-    """(B, 3, H, W) float in about [-1, 1] -> (B, H, W, 3) uint8 numpy, clamped and rounded."""
-    x = images.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
 @torch.no_grad()
 def decode(vae, latents, scale_factor):
     """Latents in the scaled space the model works in -> uint8 (B, H, W, 3).
     The model was trained on z * scale_factor, so the decoder gets latents / scale_factor."""
-    return to_uint8(vae.decode(latents / scale_factor))
+    return to_uint8(vae.decode(latents / scale_factor)).cpu().numpy()   # (B, H, W, 3)
 
 
 @torch.no_grad()

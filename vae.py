@@ -421,16 +421,6 @@ def load_vae(path, device='cpu'):
 # -----------------------------------------------------------------------------
 # Training (cifar preset; pixels only, no perceptual or adversarial loss)
 
-def _to_float(x_uint8):
-    # (B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]
-    return x_uint8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def _to_uint8(x):
-    # (B, 3, H, W) float in about [-1, 1] -> (B, H, W, 3) uint8, clamped and rounded
-    return x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-
-
 def _lr_at(step, steps, lr, warmup, time_frac=0.0):
     # linear warm-up, then cosine decay to 10% of lr at the end; the end is the last step
     # or, with a time budget, the end of the budget (time_frac = elapsed / budget)
@@ -446,8 +436,8 @@ def reconstruct(model, images, batch_size=256, device='cpu'):
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
-        x = _to_float(torch.as_tensor(np.asarray(images[i:i + batch_size])).to(device))
-        out.append(_to_uint8(model.decode(model.encode(x).mode())).cpu())
+        x = data.to_float(torch.as_tensor(np.asarray(images[i:i + batch_size])).to(device))
+        out.append(data.to_uint8(model.decode(model.encode(x).mode())).cpu())
     return torch.cat(out).numpy()
 
 
@@ -487,7 +477,7 @@ def measure_scale_factor(model, images, batch_size=256, device='cpu', max_images
     idx = torch.randperm(len(images), generator=g)[:max_images].sort().values.numpy()
     zs = []
     for i in range(0, len(idx), batch_size):
-        x = _to_float(torch.as_tensor(np.asarray(images)[idx[i:i + batch_size]]).to(device))
+        x = data.to_float(torch.as_tensor(np.asarray(images)[idx[i:i + batch_size]]).to(device))
         post = model.encode(x)
         eps = torch.randn(post.mean.shape, generator=g).to(device)  # CPU generator: same on any device
         zs.append((post.mean + post.std * eps).flatten().cpu())
@@ -570,7 +560,7 @@ def train_vae(images, out_path, *, steps=3000, batch_size=64, lr=2e-3, device='c
             group['lr'] = _lr_at(step, steps, lr, warmup, time_frac)
         idx = torch.randint(len(images_t), (batch_size,), generator=data_gen)
         flip = torch.rand(batch_size, generator=data_gen) < 0.5
-        x = _to_float(images_t[idx])                                 # (B, 3, H, W)
+        x = data.to_float(images_t[idx])                                 # (B, 3, H, W)
         x = torch.where(flip[:, None, None, None], x.flip(3), x).to(device)
 
         posterior = model.encode(x)
