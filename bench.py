@@ -10,12 +10,11 @@ Per preset, on random data of the right shapes: `train` (loss of Eq. 9 + backwar
 `sample` (model.sample at flowar.SAMPLING_DEFAULTS), and the AR stage of sampling alone
 with and without the KV cache. Each row: the median seconds per call after --warmup
 untimed calls (min-max beside it), images/s, FLOPs per image counted by torch's
-FlopCounterMode on one call (matmuls, convolutions, attention; element-wise work is not
-counted; with --compile they are counted on the eager model before it is compiled),
-GFLOP/s, and their *share of the matmul rate*, the speed of 2048^3 products
-measured at the start of the same run. Optimise the share: absolute times on a shared
-machine drift, the share much less. Peak memory: torch.cuda's peak on a GPU, on a CPU the
-peak resident size of this process so far (it includes the rows above).
+FlopCounterMode on one call (matmuls, convolutions, attention, not element-wise work; with
+--compile counted on the eager model), GFLOP/s, and their *share of the matmul rate* (2048^3
+products, measured at the start of the same run): optimise the share, absolute times on a
+shared machine drift. Peak memory: torch.cuda's peak on a GPU, on a CPU the peak resident
+size of this process so far (it includes the rows above).
 """
 
 import argparse
@@ -41,13 +40,9 @@ CPU_SDPA_FLOPS = {
 }
 
 
-def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
 def time_calls(fn, device, warmup, repeats):
     """fn() `warmup` times untimed, then `repeats` times -> list of seconds."""
+    sync = (lambda d: torch.cuda.synchronize(d)) if device.type == 'cuda' else (lambda d: None)
     for _ in range(warmup):
         fn()
     times = []
@@ -114,9 +109,7 @@ def bench_preset(preset, device, args, rate):
                         compile_modules=[model]))
 
     # sample: the preset's sampling defaults, one call = sample_b images
-    model.eval()
-    sd = flowar.SAMPLING_DEFAULTS[preset]
-    gen = torch.Generator(device=device)
+    sd, gen, _ = flowar.SAMPLING_DEFAULTS[preset], torch.Generator(device=device), model.eval()
 
     def sample():
         gen.manual_seed(0)
@@ -131,10 +124,9 @@ def bench_preset(preset, device, args, rate):
     # kv: the AR stage with and without the cache, on the CFG batch of sampling
     y = torch.cat([labels[:sample_b], torch.full((sample_b,), model.num_classes, device=device)])
     maps = [torch.randn(len(y), model.latent_channels, h, w, device=device) for h, w in model.scales[:-1]]
-    n_blocks = len(model.encoder_blocks) + len(model.decoder_blocks)
 
     def with_cache():
-        caches = [dict() for _ in range(n_blocks)]
+        caches = [dict() for _ in range(len(model.encoder_blocks) + len(model.decoder_blocks))]
         return [model.transformer(model.scale_input(i, y, maps[i - 1] if i else None), y,
                                   start=sl.start, caches=caches) for i, sl in enumerate(model.slices)]
 
@@ -185,8 +177,7 @@ def main(argv=None):
     p.add_argument('--json', help="also write every number to this file")
     args = p.parse_args(argv)
     presets = args.presets.split(',')
-    bad = [s for s in presets if s not in LATENT_SHAPES]
-    if bad or not presets:
+    if not presets or any(s not in LATENT_SHAPES for s in presets):
         p.error(f"--presets: choose from {', '.join(LATENT_SHAPES)}, got {args.presets!r}")
     if min(args.repeats, args.sample_repeats) < 1 or args.warmup < 0:
         p.error("--repeats and --sample-repeats must be >= 1, --warmup >= 0")
@@ -197,10 +188,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads or torch.get_num_threads())
     device = torch.device(args.device)
     rate = matmul_rate(device, torch.bfloat16 if args.bf16 else torch.float32)
-    rows, kv = [], []
-    for preset in presets:
-        r, k = bench_preset(preset, device, args, rate)
-        rows, kv = rows + r, kv + k
+    results = [bench_preset(preset, device, args, rate) for preset in presets]
+    rows, kv = sum((r for r, _ in results), []), sum((k for _, k in results), [])
     print_table(rows, kv, rate, device, args)
     if args.json:
         with open(args.json, 'w') as f:

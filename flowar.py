@@ -19,7 +19,7 @@ Read this file next to Section 3.2 of the paper. The pieces, top to bottom:
 
 The released code (Dec 2024) differs from the paper in a few places. Each is marked with
 "RELEASED vs PAPER" where it happens; this file follows the released code wherever the
-released checkpoints depend on it, so that `load_official_state_dict` gives the authors'
+released checkpoints depend on it, so that `official_state_dict` gives the authors'
 models. The main one: the paper writes F_t = t * s + (1 - t) * F_0 (t = 1 is data), the
 released code writes x_t = (1 - t) * x + t * eps (t = 1 is noise). Same family of paths,
 time reversed, velocity sign flipped.
@@ -37,17 +37,16 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-# ---------------------------------------------------------------------------------------
-# Presets. S, L and H reproduce the released factories exactly (same parameter counts);
-# B is the paper's ~300M size (no released weights); toy (1.9M parameters) is for a CPU
-# run on CIFAR-10 latents of a small VAE (4 x 8 x 8), sized for ~8 minutes of training on
-# 2 CPU cores: at that budget a small model that sees more images beats a bigger one.
-# ---------------------------------------------------------------------------------------
+# ==== Presets ===========================================================================
+# S, L and H reproduce the released factories exactly (same parameter counts); B is the
+# paper's ~300M size (no released weights); toy (1.9M parameters) is for a CPU run on
+# CIFAR-10 latents of a small VAE (4 x 8 x 8), sized for ~8 minutes of training on 2 CPU
+# cores: at that budget a small model that sees more images beats a bigger one.
 
-_IMAGENET = dict(latent_channels=16, scales=(1, 2, 4, 8, 16), num_classes=1000,
-                 mlp_ratio=4.0, attn_dropout=0.1, proj_dropout=0.1,
-                 rope_theta=10000.0, grad_checkpointing=False, scale_weighting='tokens',
-                 init='released')
+_COMMON = dict(mlp_ratio=4.0, rope_theta=10000.0, grad_checkpointing=False,
+               scale_weighting='tokens', init='released')
+_IMAGENET = dict(_COMMON, latent_channels=16, scales=(1, 2, 4, 8, 16), num_classes=1000,
+                 attn_dropout=0.1, proj_dropout=0.1)
 
 PRESETS = {
     # name: AR width D, AR depth (encoder + decoder stacks), AR heads, flow head depth,
@@ -55,12 +54,9 @@ PRESETS = {
     # as in the paper; 'cross' = Attn-CrossAttn-MLP of the released L and H models).
     # toy scales {1, 8}: at the toy's budget (1,054 steps) they score 0.77 vs 0.63 for
     # {1, 4, 8} and 0.59 for the full pyramid {1, 2, 4, 8} (README, "What makes the toy work").
-    'toy': dict(latent_channels=4, scales=(1, 8), num_classes=10,
-                ar_dim=128, enc_depth=2, dec_depth=2, ar_heads=2,
-                head_depth=2, head_dim=128, head_block='spatial',
-                mlp_ratio=4.0, attn_dropout=0.0, proj_dropout=0.0,
-                rope_theta=10000.0, grad_checkpointing=False, scale_weighting='tokens',
-                init='released'),
+    'toy': dict(_COMMON, latent_channels=4, scales=(1, 8), num_classes=10, attn_dropout=0.0,
+                proj_dropout=0.0, ar_dim=128, enc_depth=2, dec_depth=2, ar_heads=2,
+                head_depth=2, head_dim=128, head_block='spatial'),
     'S': dict(_IMAGENET, ar_dim=768, enc_depth=6, dec_depth=6, ar_heads=12,
               head_depth=2, head_dim=1024, head_block='spatial'),
     'B': dict(_IMAGENET, ar_dim=1024, enc_depth=6, dec_depth=6, ar_heads=16,
@@ -87,23 +83,15 @@ SAMPLING_DEFAULTS = {
 
 def normalize_scales(scales):
     """(1, 2, 4) or ((1, 1), (2, 3), ...) -> list of (h, w) pairs, checked increasing."""
-    out = []
-    for s in scales:
-        hw = (int(s), int(s)) if isinstance(s, (int, float)) else (int(s[0]), int(s[1]))
-        if hw[0] < 1 or hw[1] < 1:
-            raise ValueError(f"scale sizes must be >= 1, got {s!r} in {scales!r}")
-        out.append(hw)
-    if len(out) < 1:
-        raise ValueError("need at least one scale")
-    for a, b in zip(out, out[1:]):
-        if not (b[0] >= a[0] and b[1] >= a[1] and b != a):
-            raise ValueError(f"scales must grow from one to the next, got {scales!r}")
+    out = [(int(s), int(s)) if isinstance(s, (int, float)) else (int(s[0]), int(s[1])) for s in scales]
+    if not out or min(min(hw) for hw in out) < 1:
+        raise ValueError(f"need at least one scale, every size >= 1; got {scales!r}")
+    if any(not (b[0] >= a[0] and b[1] >= a[1] and b != a) for a, b in zip(out, out[1:])):
+        raise ValueError(f"scales must grow from one to the next, got {scales!r}")
     return out
 
 
-# ---------------------------------------------------------------------------------------
-# Eq. 5: the scale pyramid, and the Up(.) of Eq. 6
-# ---------------------------------------------------------------------------------------
+# ==== Eq. 5: the scale pyramid, and the Up(.) of Eq. 6 ==================================
 
 def build_scale_pyramid(latent, scales):
     """Eq. 5: S = {s^1, ..., s^n} = {Down(F, 2^(n-1)), ..., Down(F, 1)}.
@@ -139,11 +127,8 @@ def upsample_to_next(s, full_hw, next_hw):
 
 def scale_slices(scales):
     """Where each scale's tokens sit in the flattened sequence: list of slice objects."""
-    out, start = [], 0
-    for h, w in normalize_scales(scales):
-        out.append(slice(start, start + h * w))
-        start += h * w
-    return out
+    sizes = [h * w for h, w in normalize_scales(scales)]
+    return [slice(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes))]
 
 
 def block_causal_mask(scales):
@@ -178,9 +163,7 @@ def map_from_tokens(x, hw):
     return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], hw[0], hw[1])
 
 
-# ---------------------------------------------------------------------------------------
-# Building blocks shared by the AR Transformer and the flow head
-# ---------------------------------------------------------------------------------------
+# ==== Building blocks shared by the AR Transformer and the flow head ====================
 
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps), optionally times a learned weight. Computed in fp32."""
@@ -300,9 +283,7 @@ def modulate(x, shift, scale):
     return torch.addcmul(shift, x, 1 + scale)  # = x * (1 + scale) + shift, in one pass
 
 
-# ---------------------------------------------------------------------------------------
-# Eq. 6: the causal scale Transformer T
-# ---------------------------------------------------------------------------------------
+# ==== Eq. 6: the causal scale Transformer T =============================================
 
 class ARBlock(nn.Module):
     """A block of the AR Transformer: pre-norm attention + gated MLP with adaLN from the
@@ -328,9 +309,7 @@ class ARBlock(nn.Module):
         return x
 
 
-# ---------------------------------------------------------------------------------------
-# Eq. 7-10: the flow-matching head FM(F_t, s-hat, t) with Spatial-adaLN
-# ---------------------------------------------------------------------------------------
+# ==== Eq. 7-10: the flow-matching head FM(F_t, s-hat, t) with Spatial-adaLN =============
 
 def timestep_embedding(t, dim=256, max_period=10000):
     """Sinusoidal embedding [cos, sin] of (integer) time steps t: (B,) -> (B, dim)."""
@@ -468,9 +447,7 @@ class FlowHead(nn.Module):
         return self.final_layer(x, c + t_emb)     # (B, N, C)
 
 
-# ---------------------------------------------------------------------------------------
-# Sampling helpers: the time grid, the Euler integrator, the CFG schedule
-# ---------------------------------------------------------------------------------------
+# ==== Sampling helpers: the time grid, the Euler integrator, the CFG schedule ===========
 
 def euler_time_grid(num_steps, dtype=torch.float64, device=None):
     """The released time grid, from t = 1 (noise) down to t = 0 (data).
@@ -503,16 +480,12 @@ def cfg_schedule(num_scales, cfg, ramp=True):
     """CFG weight per scale, rising linearly from 1 at the first scale to `cfg` at the last
     (ramp=True, released; the paper does not describe it), or `cfg` at every scale
     (ramp=False, an option of this code: the toy's default, see SAMPLING_DEFAULTS)."""
-    if not ramp:
+    if not ramp or num_scales == 1:
         return [float(cfg)] * num_scales
-    if num_scales == 1:
-        return [float(cfg)]
     return [1.0 + (cfg - 1.0) * i / (num_scales - 1) for i in range(num_scales)]
 
 
-# ---------------------------------------------------------------------------------------
-# The model
-# ---------------------------------------------------------------------------------------
+# ==== The model =========================================================================
 
 class FlowAR(nn.Module):
     """Causal scale Transformer (Eq. 6) + flow-matching head (Eq. 7-10).
@@ -545,14 +518,10 @@ class FlowAR(nn.Module):
                            proj_dropout=proj_dropout, rope_theta=rope_theta,
                            grad_checkpointing=grad_checkpointing, scale_weighting=scale_weighting,
                            init=init)
-        self.scales = scales_hw
-        self.latent_channels = latent_channels
-        self.num_classes = num_classes
-        self.grad_checkpointing = grad_checkpointing
-        self.scale_weighting = scale_weighting
-        self.slices = scale_slices(scales_hw)
-        L = self.slices[-1].stop  # 341 for 1-2-4-8-16
-        self.seq_len = L
+        self.scales, self.slices = scales_hw, scale_slices(scales_hw)
+        self.latent_channels, self.num_classes = latent_channels, num_classes
+        self.grad_checkpointing, self.scale_weighting = grad_checkpointing, scale_weighting
+        L = self.seq_len = self.slices[-1].stop  # 341 for 1-2-4-8-16
         D = ar_dim
 
         # Class embedding C; row `num_classes` is the null class used for CFG.
@@ -689,18 +658,15 @@ class FlowAR(nn.Module):
     # ---- Eq. 7-9: the training loss -----------------------------------------------------
 
     def forward(self, latents, labels, noise, t):
-        """Flow-matching loss of Eq. 9 summed over scales with the released weights.
+        """Flow-matching loss of Eq. 9 over all scales, with the released weights.
 
-        latents: (B, C, H, W) VAE latents (already multiplied by the VAE scale factor),
-        whatever scale_maps takes;
-        labels: (B,) ints in [0, num_classes], num_classes = the null class (labels already
-        dropped for CFG); noise: per-scale Gaussian noise F_0^i, a list of (B, C, h_i, w_i);
-        t: (B, n) times in [0, 1], one per sample and scale. All randomness of training
-        (label drop, t, noise, posterior sample, flip) is drawn in one place,
-        train.sample_randomness; this function is deterministic given its inputs. (RELEASED:
-        the authors' forward draws t, noise and the label drop itself; drawing them outside
-        makes a run the same for any split over GPUs and accumulation steps.)
-        returns (loss, per_scale_losses (n,)): per-scale losses are unweighted, detached.
+        latents: (B, C, H, W) VAE latents (times the VAE scale factor), or whatever
+        scale_maps takes; labels: (B,) in [0, num_classes] (num_classes = the null class,
+        already dropped for CFG); noise: F_0^i per scale, n x (B, C, h_i, w_i); t: (B, n)
+        times in [0, 1]. Deterministic given its inputs: train.sample_randomness draws them
+        all (RELEASED: the authors' forward draws t, noise and the label drop itself; drawn
+        outside, a run is the same for any split over GPUs and accumulation steps).
+        returns (loss, per-scale losses (n,), unweighted and detached).
         """
         B, n = labels.shape[0], len(self.scales)
         if len(noise) != n or tuple(t.shape) != (B, n):
@@ -730,21 +696,16 @@ class FlowAR(nn.Module):
     @torch.no_grad()
     def sample(self, labels=None, num_steps=25, cfg=1.0, guidance=1.0, generator=None,
                batch_size=None, return_details=False, cfg_ramp=True):
-        """Generate latents scale by scale (Sec. 3.2, "Inference Pipeline").
+        """Generate latents scale by scale (Sec. 3.2, "Inference Pipeline"): for every scale
+        i one AR step (with the KV cache) gives s-hat^i, the head moves Gaussian noise (t = 1)
+        to the token map s^i (t = 0) along the released time grid, Up(s^i) is the next input.
 
-        For every scale i: one AR step with the KV cache gives s-hat^i; the head moves
-        Gaussian noise (t = 1) to the token map s^i (t = 0) with Euler steps on the
-        released time grid; Up(s^i) is the AR input of the next scale.
-
-        labels: (B,) class ids, or None for unconditional samples (null class; then
-        batch_size is needed and cfg must be 1). cfg: classifier-free guidance weight at
-        the last scale (1 = no guidance); the weight rises linearly from 1 at the first
-        scale (cfg_ramp=True, released), or at every scale (cfg_ramp=False). guidance:
-        guidance is applied only while t <= guidance (the interval).
+        labels: (B,) class ids, or None (the null class; needs batch_size, and cfg = 1).
+        cfg: the CFG weight at the last scale, rising from 1 at the first (cfg_ramp=True,
+        released), or at every scale (cfg_ramp=False); CFG applies only while t <= guidance.
         generator: a torch.Generator for reproducible noise. Runs in eval mode (no dropout).
-        returns latents (B, C, H, W) (in the scaled latent space of training), and with
-        return_details also a dict with 'maps' (list of s^i) and 'semantics' (list of
-        conditional s-hat^i, (B, N_i, D)).
+        returns latents (B, C, H, W) in the scaled latent space of training; with
+        return_details also {'maps': [s^i], 'semantics': [conditional s-hat^i, (B, N_i, D)]}.
         """
         was_training = self.training
         self.eval()  # no dropout while sampling
@@ -756,23 +717,18 @@ class FlowAR(nn.Module):
     def _sample(self, labels, num_steps, cfg, guidance, generator, batch_size, return_details, cfg_ramp):
         device = self.class_emb.weight.device
         dtype = self.class_emb.weight.dtype
-        if labels is None:
-            if batch_size is None:
-                raise ValueError("unconditional sampling needs batch_size (labels=None)")
-            if cfg != 1.0:
-                raise ValueError("classifier-free guidance needs class labels; use cfg=1 "
-                                 "for unconditional samples")
+        if labels is None:  # unconditional samples: the null class
+            if batch_size is None or cfg != 1.0:
+                raise ValueError("unconditional sampling (labels=None) needs batch_size, and "
+                                 "cfg=1: classifier-free guidance needs class labels")
             labels = torch.full((batch_size,), self.num_classes, dtype=torch.long, device=device)
         labels = labels.to(device)
         if labels.numel() and (labels.min() < 0 or labels.max() > self.num_classes):
             raise ValueError(f"class ids must be in [0, {self.num_classes}] "
                              f"({self.num_classes} = null class), got {labels.tolist()}")
         B = labels.shape[0]
-        use_cfg = cfg != 1.0
-        if use_cfg:  # batch = [conditional; unconditional]
-            labels_in = torch.cat([labels, torch.full_like(labels, self.num_classes)])
-        else:
-            labels_in = labels
+        use_cfg = cfg != 1.0  # then the AR batch is [conditional; unconditional]
+        labels_in = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if use_cfg else labels
         weights = cfg_schedule(len(self.scales), cfg, cfg_ramp)
         ts = euler_time_grid(num_steps, device=device)
         caches = [dict() for _ in range(len(self.encoder_blocks) + len(self.decoder_blocks))]
@@ -786,16 +742,13 @@ class FlowAR(nn.Module):
             x_in = self.scale_input(i, labels_in, prev)                                  # (B', N_i, D)
             s_hat = self.transformer(x_in, labels_in, start=sl.start, caches=caches)  # (B', N_i, D)
             sems.append(s_hat[:B])
-            pos = self.positions[sl]
-            N = sl.stop - sl.start
+            pos, N = self.positions[sl], sl.stop - sl.start
 
-            # Flow matching: Euler from noise (t = 1) to data (t = 0). Only the conditional
-            # state x (B, N, C) is carried. A guided step evaluates the head on [x; x] with
-            # the conditional and the unconditional semantics and combines the two
-            # velocities (RELEASED: both CFG halves are evaluated at the conditional state);
-            # an unguided step, or a scale whose weight is 1, evaluates the conditional
-            # half only (the released code also evaluates the unconditional half there,
-            # but its result never reaches the output).
+            # Flow matching: Euler from noise (t = 1) to data (t = 0), carrying only the
+            # conditional state x (B, N, C). A guided step evaluates the head on [x; x] with
+            # the conditional and unconditional semantics and combines the two velocities
+            # (RELEASED: both halves at the conditional state); an unguided step evaluates
+            # the conditional half only (released: both, the unconditional one unused).
             noise = torch.randn(B, N, self.latent_channels, generator=generator,
                                 device=gen_device, dtype=torch.float64).to(device)
             w_i = weights[i]
@@ -812,80 +765,35 @@ class FlowAR(nn.Module):
             x = self.integrate(predict, noise, ts)                         # (B, N_i, C) float64
             maps.append(map_from_tokens(x.to(dtype), hw))
 
-        out = maps[-1]
-        if return_details:
-            return out, dict(maps=maps, semantics=sems)
-        return out
+        return (maps[-1], dict(maps=maps, semantics=sems)) if return_details else maps[-1]
 
 
-# ---------------------------------------------------------------------------------------
-# Released checkpoints
-# ---------------------------------------------------------------------------------------
+# ==== Released checkpoints ==============================================================
 
-# Released key -> key in this model. This project uses the released module names, so the
-# mapping of parameters is the identity; the released files also hold two kinds of
-# constant buffers that this model recomputes instead of storing (they are checked, not
-# loaded): the (1, 1, L, L) attention mask and every attention layer's `rope.freqs`.
-OFFICIAL_KEY_MAP = {}            # no renamed parameters
+def official_state_dict(model, obj):
+    """A released FlowAR-S/L/H checkpoint -> the state dict to load into `model` strictly
+    (sample.load_official_model does it with vae.load_state_dict_strict, whose error lists
+    every missing, unexpected and mis-shaped key).
 
-
-def unwrap_official_checkpoint(obj, prefer_ema=True):
-    """The released .pth files are {'model': sd, 'model_ema': sd, ...} (MAR style); accept
-    that, or a bare state dict. Returns the state dict (EMA weights when present)."""
-    if isinstance(obj, dict) and ('model' in obj or 'model_ema' in obj):
-        key = 'model_ema' if prefer_ema and 'model_ema' in obj else 'model'
-        return obj[key]
-    return obj
-
-
-def load_official_state_dict(model, state_dict):
-    """Load a released FlowAR-S/L/H state dict into `model`, strictly.
-
-    Every released key must be used and every shape must match; otherwise a ValueError
-    lists the missing, unexpected and mis-shaped keys. The constant buffers (mask,
-    rope.freqs) are compared with this model's own values.
+    The released .pth files are {'model': sd, 'model_ema': sd, ...} (MAR style; the EMA
+    weights are taken) or a bare state dict. This model uses the released module names,
+    so parameters map one to one. The files also hold two kinds of constants that this
+    model recomputes instead of storing: the (1, 1, L, L) attention mask and every
+    attention layer's `rope.freqs`. They are checked against ours here, then dropped.
     """
-    sd = {OFFICIAL_KEY_MAP.get(k, k): v for k, v in unwrap_official_checkpoint(state_dict).items()}
-    if sd and all(k.startswith('module.') for k in sd):  # saved from a DDP wrapper
-        sd = {k[len('module.'):]: v for k, v in sd.items()}
-    own = model.state_dict()
-    problems = []
-    params = {}
-    for k, v in sd.items():
-        if k == 'mask':  # (1, 1, L, L): check the block-causal pattern (bool or additive)
-            expect = model.attn_mask
-            if tuple(v.shape) != (1, 1) + tuple(expect.shape):
-                problems.append(f"  shape  {k}: checkpoint {tuple(v.shape)}, model (1, 1, {expect.shape[0]}, {expect.shape[1]})")
-            else:
-                m = v[0, 0].cpu()
-                allowed = m if m.dtype == torch.bool else (m == 0)
-                if not (torch.equal(allowed, expect.cpu()) or torch.equal(~allowed, expect.cpu())):
-                    problems.append(f"  value  {k}: the checkpoint's attention mask is not the block-causal mask of scales {model.scales}")
-        elif k.endswith('.rope.freqs'):
-            try:
-                mod = model.get_submodule(k[: -len('.freqs')])
-            except AttributeError:
-                problems.append(f"  unexpected key {k} {tuple(v.shape)}")
-                continue
-            if tuple(v.shape) != tuple(mod.freqs.shape):
-                problems.append(f"  shape  {k}: checkpoint {tuple(v.shape)}, model {tuple(mod.freqs.shape)}")
-            elif not torch.allclose(v.float().cpu(), mod.freqs.float().cpu(), rtol=1e-5, atol=0):
-                problems.append(f"  value  {k}: RoPE frequencies differ from this model's")
-        elif k not in own:
-            problems.append(f"  unexpected key {k} {tuple(v.shape)}")
-        elif tuple(v.shape) != tuple(own[k].shape):
-            problems.append(f"  shape  {k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}")
-        else:
-            params[k] = v
-    for k in own:
-        if k not in sd:
-            problems.append(f"  missing key {k} {tuple(own[k].shape)}")
-    if problems:
-        raise ValueError("the state dict does not match this FlowAR model "
-                         f"(config {model.config['ar_dim']}d/{model.config['enc_depth']}+"
-                         f"{model.config['dec_depth']}, head {model.config['head_depth']}x"
-                         f"{model.config['head_dim']} {model.config['head_block']}); is it the "
-                         "right preset (--model S|L|H)?\n" + "\n".join(problems[:40])
-                         + (f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else ""))
-    model.load_state_dict(params, strict=True)
-    return model
+    if isinstance(obj, dict) and ('model' in obj or 'model_ema' in obj):
+        obj = obj['model_ema' if 'model_ema' in obj else 'model']
+    sd = {k.removeprefix('module.'): v for k, v in obj.items()}    # saved from a DDP wrapper
+    hint = "; is it the right preset (--model S|L|H)?"
+    if 'mask' in sd:  # block-causal, bool or additive (0 = may attend)
+        m, ours = sd.pop('mask').reshape(-1).cpu(), model.attn_mask.reshape(-1).cpu()
+        allowed = m if m.dtype == torch.bool else (m == 0)
+        if m.numel() != ours.numel() or not (torch.equal(allowed, ours) or torch.equal(~allowed, ours)):
+            raise ValueError(f"the checkpoint's attention mask is not the block-causal mask of "
+                             f"scales {model.scales}{hint}")
+    buffers = dict(model.named_buffers())
+    for k in [k for k in sd if k.endswith('.rope.freqs')]:
+        v, ours = sd.pop(k).float().cpu(), buffers.get(k)
+        if ours is None or v.shape != ours.shape or not torch.allclose(v, ours.float().cpu(), rtol=1e-5, atol=0):
+            raise ValueError(f"{k}: the checkpoint's RoPE frequencies are not this model's{hint}")
+    return sd

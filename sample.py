@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data import CIFAR10_CLASSES, SHAPES_CLASSES, atomic_file, to_uint8
-from flowar import FlowAR, SAMPLING_DEFAULTS, load_official_state_dict
+from flowar import FlowAR, SAMPLING_DEFAULTS, official_state_dict
 from vae import load_state_dict_strict, load_vae
 
 # Class names of the small datasets (the grid log prints them); ImageNet shows ids.
@@ -115,7 +115,7 @@ def load_official_model(path, model_name, device='cpu', trust_pickle=False):
                          f"If the file holds pickled python objects besides the tensors and you "
                          f"trust where it came from, re-run with --trust-pickle.") from e
     model = FlowAR.from_preset(model_name)
-    load_official_state_dict(model, obj)  # strict; prefers 'model_ema' over 'model'
+    load_state_dict_strict(model, official_state_dict(model, obj), what=f"released checkpoint {path!r}")  # EMA weights
     return model.to(device).eval()
 
 

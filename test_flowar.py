@@ -505,21 +505,27 @@ def test_released_small_state_dict_loads_strictly_and_wrong_shapes_are_named():
             sd[k] = model.get_submodule(k[:-6]).freqs.clone()
         else:
             sd[k] = torch.randn(shape, generator=g) * 0.01
-    flowar.load_official_state_dict(model, {'model_ema': sd, 'model': {}})
+    load = lambda m, obj: vae.load_state_dict_strict(m, flowar.official_state_dict(m, obj), what='released S')
+    load(model, {'model_ema': sd, 'model': {}})
     assert torch.equal(model.flownet.res_blocks[1].ada_lin.weight, sd['flownet.res_blocks.1.ada_lin.weight'])
     assert torch.equal(model.encoder_pos_embed_learned, sd['encoder_pos_embed_learned'])
     bad = dict(sd)
     bad['decoder_embed.weight'] = torch.zeros(768, 700)
-    with pytest.raises(ValueError, match=r'decoder_embed\.weight.*\(768, 700\)'):
-        flowar.load_official_state_dict(model, bad)
+    with pytest.raises(ValueError, match=r'decoder_embed\.weight.*\[768, 700\]'):
+        load(model, bad)
     missing = {k: v for k, v in sd.items() if k != 'z_proj.bias'}
-    with pytest.raises(ValueError, match=r'missing key z_proj\.bias'):
-        flowar.load_official_state_dict(model, missing)
+    with pytest.raises(ValueError, match=r'Missing key.*z_proj\.bias'):
+        load(model, missing)
     extra = dict(sd, **{'something.else': torch.zeros(3)})
-    with pytest.raises(ValueError, match=r'unexpected key something\.else'):
-        flowar.load_official_state_dict(model, extra)
-    with pytest.raises(ValueError, match='right preset'):
-        flowar.load_official_state_dict(FlowAR.from_preset('toy'), sd)
+    with pytest.raises(ValueError, match=r'Unexpected key.*something\.else'):
+        load(model, extra)
+    with pytest.raises(ValueError, match='right preset'):    # the toy's mask is 65 x 65
+        load(FlowAR.from_preset('toy'), sd)
+    wrong_freqs = dict(sd, **{'encoder_blocks.0.attn.rope.freqs': sd['encoder_blocks.0.attn.rope.freqs'] * 2})
+    with pytest.raises(ValueError, match='RoPE frequencies'):
+        load(model, wrong_freqs)
+    with pytest.raises(ValueError, match='block-causal'):
+        load(model, dict(sd, mask=torch.zeros(1, 1, 341, 341)))
 
 
 def test_unknown_preset_and_override_are_refused():
