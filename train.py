@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import signal
 import sys
@@ -180,16 +179,10 @@ def parse_args(argv=None):
 # Small pieces, each tested in test_flowar.py
 # ---------------------------------------------------------------------------------------
 
-def lr_at(epoch, lr, min_lr, warmup_epochs, epochs):
-    """Linear warm-up to `lr` over warmup_epochs, then half a cosine down to `min_lr` at
-    `epochs` (paper recipe: 100 + 300 epochs, 4e-4 -> 1e-5). `epoch` is fractional
-    (step / steps_per_epoch), so the lr changes every step."""
-    if epoch < warmup_epochs:
-        return lr * epoch / warmup_epochs
-    if epoch >= epochs:
-        return min_lr
-    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-12)
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+# lr_at(epoch, lr, min_lr, warmup_epochs, epochs): the one warm-up + cosine schedule,
+# shared with the VAE stage (vae.lr_at); `epoch` is fractional (step / steps_per_epoch),
+# so the lr changes every step
+lr_at = vae_lib.lr_at
 
 
 def param_groups(model, weight_decay):

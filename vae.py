@@ -5,12 +5,13 @@ FlowAR does not learn its own tokenizer. It reuses the KL-16 VAE released with M
 a 256x256 image becomes a (16, 16, 16) latent, which is multiplied by 0.2325 (so that it
 has roughly unit variance) before the autoregressive model sees it. This file holds:
 
-  1. the network (Encoder, Decoder, ResnetBlock, AttnBlock, Downsample, Upsample,
-     DiagonalGaussian posterior, AutoencoderKL). Module names equal the LDM / MAR names,
+  1. the network (Encoder, Decoder, ResnetBlock, AttnBlock, MidBlock, Downsample, Upsample,
+     DiagonalGaussian posterior, AutoencoderKL). Parameter names equal the LDM / MAR names,
      so MAR's kl16.ckpt loads with no renaming;
   2. the checkpoint format of this project (save_vae / load_vae) plus a strict loader that
      names every missing key, unexpected key and shape mismatch;
-  3. a small trainer for the 'cifar' preset (32x32 images -> (4, 8, 8) latents) that runs
+  3. the project's one warm-up + cosine learning-rate schedule (lr_at, also train.py's) and
+     a small trainer for the 'cifar' preset (32x32 images -> (4, 8, 8) latents) that runs
      on a laptop CPU, with PSNR evaluation and a reconstruction grid, and a CLI:
 
      python vae.py --dataset cifar10 --data-dir data --out out/vae --device cpu
@@ -90,9 +91,7 @@ def Normalize(channels, groups):
     return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
-def swish(x):
-    # swish(x) = x * sigmoid(x), a.k.a. SiLU
-    return F.silu(x)
+swish = F.silu      # swish(x) = x * sigmoid(x), a.k.a. SiLU
 
 
 class ResnetBlock(nn.Module):
@@ -139,6 +138,20 @@ class AttnBlock(nn.Module):
         h = F.scaled_dot_product_attention(q, k, v)         # (B, 1, H*W, C)
         h = h.transpose(2, 3).reshape(B, C, H, W)            # (B, C, H, W)
         return x + self.proj_out(h)
+
+
+class MidBlock(nn.Module):
+    """The middle of the encoder and of the decoder, at the lowest resolution:
+    res block -> attention -> res block, with the channel count unchanged."""
+
+    def __init__(self, channels, groups):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
+
+    def forward(self, x):                                    # (B, C, h, w) -> same
+        return self.block_2(self.attn_1(self.block_1(x)))
 
 
 class Downsample(nn.Module):
@@ -199,11 +212,7 @@ class Encoder(nn.Module):
                 curr_res = curr_res // 2
             self.down.append(level)
 
-        # middle: res block, attention, res block at the lowest resolution
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, g)
-        self.mid.attn_1 = AttnBlock(block_in, g)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, g)
+        self.mid = MidBlock(block_in, g)
 
         self.norm_out = Normalize(block_in, g)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels,
@@ -218,9 +227,7 @@ class Encoder(nn.Module):
                     h = level.attn[i_block](h)
             if i_level != self.num_resolutions - 1:
                 h = level.downsample(h)                     # spatial size halves
-        h = self.mid.block_1(h)
-        h = self.mid.attn_1(h)
-        h = self.mid.block_2(h)                             # (B, ch*ch_mult[-1], H/f, W/f)
+        h = self.mid(h)                                     # (B, ch*ch_mult[-1], H/f, W/f)
         h = self.conv_out(swish(self.norm_out(h)))          # (B, 2*z, H/f, W/f)
         return h
 
@@ -238,10 +245,7 @@ class Decoder(nn.Module):
 
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
 
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, g)
-        self.mid.attn_1 = AttnBlock(block_in, g)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, g)
+        self.mid = MidBlock(block_in, g)
 
         # the up path is built from the lowest resolution upwards, but stored so that
         # up.{i} mirrors down.{i} of the encoder (up.0 is the full-resolution level)
@@ -268,9 +272,7 @@ class Decoder(nn.Module):
 
     def forward(self, z):                                   # (B, z, h, w)
         h = self.conv_in(z)                                 # (B, ch*ch_mult[-1], h, w)
-        h = self.mid.block_1(h)
-        h = self.mid.attn_1(h)
-        h = self.mid.block_2(h)
+        h = self.mid(h)
         for i_level in reversed(range(self.num_resolutions)):
             level = self.up[i_level]
             for i_block, block in enumerate(level.block):
@@ -421,13 +423,18 @@ def load_vae(path, device='cpu'):
 # -----------------------------------------------------------------------------
 # Training (cifar preset; pixels only, no perceptual or adversarial loss)
 
-def _lr_at(step, steps, lr, warmup, time_frac=0.0):
-    # linear warm-up, then cosine decay to 10% of lr at the end; the end is the last step
-    # or, with a time budget, the end of the budget (time_frac = elapsed / budget)
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    p = max((step - warmup) / max(1, steps - warmup), time_frac)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+def lr_at(x, lr, min_lr, warmup, end):
+    """The one learning-rate schedule of the project, for both stages (this VAE and the
+    FlowAR model in train.py, which imports it): linear warm-up from 0 to `lr` over
+    `warmup`, then half a cosine from `lr` down to `min_lr` at `end`, and `min_lr` after it.
+    x is the training position in any unit (fractional epochs in train.py, steps here).
+    The paper's FlowAR recipe is 100 warm-up + 300 cosine epochs, 4e-4 -> 1e-5."""
+    if x < warmup:
+        return lr * x / warmup
+    if x >= end:
+        return min_lr
+    progress = (x - warmup) / max(end - warmup, 1e-12)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
@@ -489,22 +496,83 @@ def train_state_path(out_path):
     return os.path.splitext(out_path)[0] + '_train_state.pt'
 
 
+def _save_train_state(path, model, opt, step, data_gen, device):
+    # everything a resumed run needs to continue bit for bit: weights, Adam moments, the
+    # step, and the three random streams (batches/flips, CPU noise, CUDA noise)
+    st = {'model': model.state_dict(), 'config': model.config,
+          'optimizer': opt.state_dict(), 'step': step,
+          'data_rng': data_gen.get_state(), 'torch_rng': torch.get_rng_state()}
+    if device.type == 'cuda':
+        st['cuda_rng'] = torch.cuda.get_rng_state(device)
+    data.atomic_save(st, path)
+
+
+def _load_train_state(path, model, opt, data_gen, device):
+    """Restore what _save_train_state wrote into model, opt and the RNGs; returns the step."""
+    st = torch.load(path, map_location='cpu', weights_only=True)
+    if st['config'] != model.config:
+        raise ValueError(f"{path} was made with another VAE config; delete it or "
+                         f"pass resume=False to start over")
+    load_state_dict_strict(model, st['model'], what=path)
+    opt.load_state_dict(st['optimizer'])
+    data_gen.set_state(st['data_rng'])
+    torch.set_rng_state(st['torch_rng'])
+    if device.type == 'cuda' and 'cuda_rng' in st:
+        torch.cuda.set_rng_state(st['cuda_rng'], device)
+    print(f"[vae] resumed from {path} at step {int(st['step'])}")
+    return int(st['step'])
+
+
+def _random_batch(images_t, batch_size, data_gen, device):
+    # batch_size random training images (with replacement), each flipped left-right with
+    # probability 1/2; the indices and flips come from data_gen, on the CPU
+    idx = torch.randint(len(images_t), (batch_size,), generator=data_gen)
+    flip = torch.rand(batch_size, generator=data_gen) < 0.5
+    x = data.to_float(images_t[idx])                                     # (B, 3, H, W)
+    return torch.where(flip[:, None, None, None], x.flip(3), x).to(device)
+
+
+def _batch_loss(model, x, loss, kl_weight):
+    """-> (total, recon, kl) for one batch x: recon = mean |x - x'| ('l1') or mean
+    (x - x')^2 ('mse') and kl = KL(q(z|x) || N(0, I)) per pixel value, so that kl_weight
+    weighs the KL against the per-pixel reconstruction error, as in LDM (1e-6)."""
+    recon, posterior = model(x)                  # decodes a sample z ~ q(z|x), (B, 3, H, W)
+    rec_loss = (recon - x).abs().mean() if loss == 'l1' else ((recon - x) ** 2).mean()
+    kl = posterior.kl().mean() / x[0].numel()    # (sum over the latent) / (3*H*W)
+    return rec_loss + kl_weight * kl, rec_loss, kl
+
+
+def _schedule_position(step, steps, warmup, elapsed, time_budget_s):
+    # the x of lr_at, in steps. With a time budget, the cosine part (not the warm-up) moves
+    # by the further along of the step and the elapsed fraction of the budget, so the lr is
+    # annealed when the budget runs out even if `steps` was set too high
+    if time_budget_s is None or step < warmup:
+        return step
+    return max(step, warmup + (steps - warmup) * elapsed / max(time_budget_s, 1e-9))
+
+
+def _log_progress(step, steps, batch_size, ips, budget_left, total, rec_loss, kl, lr):
+    # one progress line; the ETA is the steps left at the current rate, or the rest of the
+    # time budget (budget_left seconds) if that ends first
+    eta = (steps - step) * batch_size / max(ips, 1e-9)
+    if budget_left is not None:
+        eta = min(eta, max(0.0, budget_left))
+    print(f"[vae] step {step}/{steps} loss {total.item():.4f} recon {rec_loss.item():.4f} "
+          f"kl {kl.item():.4f} lr {lr:.2e} {ips:.0f} img/s ETA {eta / 60:.1f} min", flush=True)
+
+
 def train_vae(images, out_path, *, steps=3000, batch_size=64, lr=2e-3, device='cpu',
               log_every=100, time_budget_s=None, seed=0, resume=True, preset='cifar',
               loss='l1', kl_weight=1e-6, ckpt_every=500, config=None, stop_at_step=None):
     """Train a VAE on uint8 images (N, H, W, 3) and write it with save_vae to out_path.
 
-    loss = recon + kl_weight * KL / (number of pixel values), recon = mean |x - x'| ('l1')
-    or mean (x - x')^2 ('mse'); i.e. kl_weight is the weight of the KL per image element,
-    as in LDM (1e-6). Random horizontal flips. Adam, warm-up then cosine lr.
-    Training stops after `steps` steps, or once time_budget_s seconds of training have
-    passed in this call, or after step stop_at_step (a deterministic interruption, for
-    chunked runs and tests). With a time budget the cosine schedule is driven by
-    max(step / steps, elapsed / time_budget_s), so the lr is annealed when the budget runs
-    out even if `steps` was set too high. The training state (model, optimizer, step, RNG) is saved every
-    ckpt_every steps and at the end to train_state_path(out_path); with resume=True a later
-    call continues from it. Finally the latent scale factor is measured and the model
-    saved with save_vae(out_path, ...). Returns out_path.
+    Each step: a random flipped batch (_random_batch), its loss (_batch_loss), one Adam step
+    at the lr of lr_at (warm-up, then cosine to 10% of lr at `steps`). Training stops after
+    `steps` steps, or once time_budget_s seconds of training have passed in this call, or
+    after step stop_at_step (a deterministic interruption, for chunked runs and tests).
+    The training state is saved every ckpt_every steps and at the end to
+    train_state_path(out_path); with resume=True a later call continues from it. Finally
+    the latent scale factor is measured and the model saved with save_vae. Returns out_path.
     """
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"train_vae wants uint8 images of shape (N, H, W, 3), got "
@@ -516,61 +584,29 @@ def train_vae(images, out_path, *, steps=3000, batch_size=64, lr=2e-3, device='c
     model = AutoencoderKL(config if config is not None else PRESETS[preset]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     data_gen = torch.Generator().manual_seed(seed + 1)  # batch indices and flips (CPU)
-    step = 0
-
     state_path = train_state_path(out_path)
+    step = 0
     if resume and os.path.isfile(state_path):
-        st = torch.load(state_path, map_location='cpu', weights_only=True)
-        if st['config'] != model.config:
-            raise ValueError(f"{state_path} was made with another VAE config; delete it or "
-                             f"pass resume=False to start over")
-        load_state_dict_strict(model, st['model'], what=state_path)
-        opt.load_state_dict(st['optimizer'])
-        step = int(st['step'])
-        data_gen.set_state(st['data_rng'])
-        torch.set_rng_state(st['torch_rng'])
-        if device.type == 'cuda' and 'cuda_rng' in st:
-            torch.cuda.set_rng_state(st['cuda_rng'], device)
-        print(f"[vae] resumed from {state_path} at step {step}")
-
-    def save_state():
-        st = {'model': model.state_dict(), 'config': model.config,
-              'optimizer': opt.state_dict(), 'step': step,
-              'data_rng': data_gen.get_state(), 'torch_rng': torch.get_rng_state()}
-        if device.type == 'cuda':
-            st['cuda_rng'] = torch.cuda.get_rng_state(device)
-        data.atomic_save(st, state_path)
+        step = _load_train_state(state_path, model, opt, data_gen, device)
 
     images_t = torch.from_numpy(images)                   # (N, H, W, 3) uint8, stays on CPU
-    n_elem = 3 * images.shape[1] * images.shape[2]
     warmup = min(200, max(1, steps // 20))
     model.train()
-    t0 = time.time()
-    t_log, n_log = time.time(), 0
-    start_step = step
+    t0 = t_log = time.time()
+    n_log, start_step = 0, step
     while step < steps:
-        if time_budget_s is not None and step > start_step and time.time() - t0 >= time_budget_s:
+        elapsed = time.time() - t0
+        if time_budget_s is not None and step > start_step and elapsed >= time_budget_s:
             print(f"[vae] time budget of {time_budget_s:.0f}s reached at step {step}")
             break
         if stop_at_step is not None and step >= stop_at_step:
             print(f"[vae] stopping at step {step} (stop_at_step)")
             break
-        time_frac = (time.time() - t0) / max(time_budget_s, 1e-9) if time_budget_s is not None else 0.0
+        x_sched = _schedule_position(step, steps, warmup, elapsed, time_budget_s)
         for group in opt.param_groups:
-            group['lr'] = _lr_at(step, steps, lr, warmup, time_frac)
-        idx = torch.randint(len(images_t), (batch_size,), generator=data_gen)
-        flip = torch.rand(batch_size, generator=data_gen) < 0.5
-        x = data.to_float(images_t[idx])                                 # (B, 3, H, W)
-        x = torch.where(flip[:, None, None, None], x.flip(3), x).to(device)
-
-        posterior = model.encode(x)
-        recon = model.decode(posterior.sample())                     # (B, 3, H, W)
-        if loss == 'l1':
-            rec_loss = (recon - x).abs().mean()
-        else:
-            rec_loss = ((recon - x) ** 2).mean()
-        kl = posterior.kl().mean() / n_elem                          # KL per pixel value
-        total = rec_loss + kl_weight * kl
+            group['lr'] = lr_at(x_sched, lr, 0.1 * lr, warmup, steps)
+        total, rec_loss, kl = _batch_loss(model, _random_batch(images_t, batch_size, data_gen, device),
+                                          loss, kl_weight)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
@@ -578,19 +614,15 @@ def train_vae(images, out_path, *, steps=3000, batch_size=64, lr=2e-3, device='c
         n_log += batch_size
 
         if step % log_every == 0 or step == steps:
-            dt = time.time() - t_log
-            ips = n_log / max(dt, 1e-9)
-            eta = (steps - step) * batch_size / max(ips, 1e-9)
-            if time_budget_s is not None:
-                eta = min(eta, max(0.0, time_budget_s - (time.time() - t0)))
-            print(f"[vae] step {step}/{steps} loss {total.item():.4f} recon {rec_loss.item():.4f} "
-                  f"kl {kl.item():.4f} lr {opt.param_groups[0]['lr']:.2e} "
-                  f"{ips:.0f} img/s ETA {eta / 60:.1f} min", flush=True)
+            ips = n_log / max(time.time() - t_log, 1e-9)                 # images per second
+            budget_left = None if time_budget_s is None else time_budget_s - (time.time() - t0)
+            _log_progress(step, steps, batch_size, ips, budget_left, total, rec_loss, kl,
+                          opt.param_groups[0]['lr'])
             t_log, n_log = time.time(), 0
         if step % ckpt_every == 0:
-            save_state()
+            _save_train_state(state_path, model, opt, step, data_gen, device)
     train_time = time.time() - t0
-    save_state()
+    _save_train_state(state_path, model, opt, step, data_gen, device)
 
     scale_factor = measure_scale_factor(model, images, device=device, seed=seed)
     print(f"[vae] trained to step {step} ({train_time:.0f}s in this call); "
