@@ -26,6 +26,7 @@ import time
 import torch
 from torch.utils import flop_counter
 
+import data
 import flowar
 
 LATENT_SHAPES = {'toy': (4, 8, 8), 'S': (16, 16, 16)}          # (C, H, W): the last scale
@@ -61,11 +62,6 @@ def matmul_rate(device, dtype, n=2048, repeats=10):
     return 2 * n ** 3 / statistics.median(time_calls(lambda: a @ b, device, 3, repeats))
 
 
-def peak_mib(device):  # ru_maxrss is in KiB on Linux
-    return (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == 'cuda'
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-
-
 def measure(name, fn, images, device, args, rate, repeats=None, compile_modules=()):
     """Count fn's FLOPs (eager), compile `compile_modules` if --compile, time fn, and
     return one row of the table."""
@@ -79,9 +75,11 @@ def measure(name, fn, images, device, args, rate, repeats=None, compile_modules=
         torch.cuda.reset_peak_memory_stats(device)
     times = time_calls(fn, device, args.warmup, repeats or args.repeats)
     med = statistics.median(times)
+    peak_mib = (torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == 'cuda'
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
     return dict(work=name, batch=images, median_s=med, min_s=min(times), max_s=max(times),
                 images_per_s=images / med, gflop_per_image=flops / images / 1e9,
-                gflop_per_s=flops / med / 1e9, share=flops / med / rate, peak_mib=peak_mib(device))
+                gflop_per_s=flops / med / 1e9, share=flops / med / rate, peak_mib=peak_mib)
 
 
 def bench_preset(preset, device, args, rate):
@@ -197,4 +195,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    data.keep_freed_memory()  # CPU: reuse freed memory instead of page-faulting it back in
     main()
