@@ -19,7 +19,7 @@ Read this file next to Section 3.2 of the paper. The pieces, top to bottom:
 
 The released code (Dec 2024) differs from the paper in a few places. Each is marked with
 "RELEASED vs PAPER" where it happens; this file follows the released code wherever the
-released checkpoints depend on it, so that `official_state_dict` gives the authors'
+released checkpoints depend on it, so that sample.py's `official_state_dict` gives the authors'
 models. The main one: the paper writes F_t = t * s + (1 - t) * F_0 (t = 1 is data), the
 released code writes x_t = (1 - t) * x + t * eps (t = 1 is noise). Same family of paths,
 time reversed, velocity sign flipped.
@@ -766,34 +766,3 @@ class FlowAR(nn.Module):
             maps.append(map_from_tokens(x.to(dtype), hw))
 
         return (maps[-1], dict(maps=maps, semantics=sems)) if return_details else maps[-1]
-
-
-# ==== Released checkpoints ==============================================================
-
-def official_state_dict(model, obj):
-    """A released FlowAR-S/L/H checkpoint -> the state dict to load into `model` strictly
-    (sample.load_official_model does it with vae.load_state_dict_strict, whose error lists
-    every missing, unexpected and mis-shaped key).
-
-    The released .pth files are {'model': sd, 'model_ema': sd, ...} (MAR style; the EMA
-    weights are taken) or a bare state dict. This model uses the released module names,
-    so parameters map one to one. The files also hold two kinds of constants that this
-    model recomputes instead of storing: the (1, 1, L, L) attention mask and every
-    attention layer's `rope.freqs`. They are checked against ours here, then dropped.
-    """
-    if isinstance(obj, dict) and ('model' in obj or 'model_ema' in obj):
-        obj = obj['model_ema' if 'model_ema' in obj else 'model']
-    sd = {k.removeprefix('module.'): v for k, v in obj.items()}    # saved from a DDP wrapper
-    hint = "; is it the right preset (--model S|L|H)?"
-    if 'mask' in sd:  # block-causal, bool or additive (0 = may attend)
-        m, ours = sd.pop('mask').reshape(-1).cpu(), model.attn_mask.reshape(-1).cpu()
-        allowed = m if m.dtype == torch.bool else (m == 0)
-        if m.numel() != ours.numel() or not (torch.equal(allowed, ours) or torch.equal(~allowed, ours)):
-            raise ValueError(f"the checkpoint's attention mask is not the block-causal mask of "
-                             f"scales {model.scales}{hint}")
-    buffers = dict(model.named_buffers())
-    for k in [k for k in sd if k.endswith('.rope.freqs')]:
-        v, ours = sd.pop(k).float().cpu(), buffers.get(k)
-        if ours is None or v.shape != ours.shape or not torch.allclose(v, ours.float().cpu(), rtol=1e-5, atol=0):
-            raise ValueError(f"{k}: the checkpoint's RoPE frequencies are not this model's{hint}")
-    return sd

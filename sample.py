@@ -54,8 +54,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
+import data
 from data import CIFAR10_CLASSES, SHAPES_CLASSES, atomic_file, to_uint8
-from flowar import FlowAR, SAMPLING_DEFAULTS, official_state_dict
+from flowar import FlowAR, SAMPLING_DEFAULTS
 from vae import load_state_dict_strict, load_vae
 
 # Class names of the small datasets (the grid log prints them); ImageNet shows ids.
@@ -119,6 +120,35 @@ def load_official_model(path, model_name, device='cpu', trust_pickle=False):
     return model.to(device).eval()
 
 
+def official_state_dict(model, obj):
+    """A released FlowAR-S/L/H checkpoint -> the state dict to load into `model` strictly
+    (load_official_model does it with vae.load_state_dict_strict, whose error lists
+    every missing, unexpected and mis-shaped key).
+
+    The released .pth files are {'model': sd, 'model_ema': sd, ...} (MAR style; the EMA
+    weights are taken) or a bare state dict. This model uses the released module names,
+    so parameters map one to one. The files also hold two kinds of constants that this
+    model recomputes instead of storing: the (1, 1, L, L) attention mask and every
+    attention layer's `rope.freqs`. They are checked against ours here, then dropped.
+    """
+    if isinstance(obj, dict) and ('model' in obj or 'model_ema' in obj):
+        obj = obj['model_ema' if 'model_ema' in obj else 'model']
+    sd = {k.removeprefix('module.'): v for k, v in obj.items()}    # saved from a DDP wrapper
+    hint = "; is it the right preset (--model S|L|H)?"
+    if 'mask' in sd:  # block-causal, bool or additive (0 = may attend)
+        m, ours = sd.pop('mask').reshape(-1).cpu(), model.attn_mask.reshape(-1).cpu()
+        allowed = m if m.dtype == torch.bool else (m == 0)
+        if m.numel() != ours.numel() or not (torch.equal(allowed, ours) or torch.equal(~allowed, ours)):
+            raise ValueError(f"the checkpoint's attention mask is not the block-causal mask of "
+                             f"scales {model.scales}{hint}")
+    buffers = dict(model.named_buffers())
+    for k in [k for k in sd if k.endswith('.rope.freqs')]:
+        v, ours = sd.pop(k).float().cpu(), buffers.get(k)
+        if ours is None or v.shape != ours.shape or not torch.allclose(v, ours.float().cpu(), rtol=1e-5, atol=0):
+            raise ValueError(f"{k}: the checkpoint's RoPE frequencies are not this model's{hint}")
+    return sd
+
+
 def check_vae(model, vae):
     """The VAE must decode the model's latents: same number of latent channels."""
     c_vae = vae.config['embed_dim']
@@ -131,10 +161,8 @@ def check_vae(model, vae):
 def sampling_settings(preset, num_steps=None, cfg=None, guidance=None, cfg_ramp=None):
     """Flags given on the command line win; the others come from SAMPLING_DEFAULTS[preset]."""
     given = dict(num_steps=num_steps, cfg=cfg, guidance=guidance, cfg_ramp=cfg_ramp)
-    if all(v is not None for v in given.values()):
-        return given
-    if preset not in SAMPLING_DEFAULTS:
-        unset = ['--' + k.replace('_', '-') for k, v in given.items() if v is None]
+    unset = ['--' + k.replace('_', '-') for k, v in given.items() if v is None]
+    if unset and preset not in SAMPLING_DEFAULTS:
         raise ValueError(f"no sampling defaults for the model preset {preset!r} (known: "
                          f"{sorted(SAMPLING_DEFAULTS)}); pass {' '.join(unset)} explicitly")
     return {k: (SAMPLING_DEFAULTS[preset][k] if v is None else v) for k, v in given.items()}
@@ -166,11 +194,16 @@ def chunk_generator(seed, chunk):
     return torch.Generator('cpu').manual_seed(seed * SEED_STRIDE + chunk)
 
 
+def _chunks(num_images, batch_size):
+    """Images 0..N-1 cut into runs of batch_size -> [(chunk index c, start, stop)]."""
+    return [(c, s, min(s + batch_size, num_images)) for c, s in enumerate(range(0, num_images, batch_size))]
+
+
 @torch.no_grad()
 def decode(vae, latents, scale_factor):
     """Latents in the scaled space the model works in -> uint8 (B, H, W, 3).
     The model was trained on z * scale_factor, so the decoder gets latents / scale_factor."""
-    return to_uint8(vae.decode(latents / scale_factor)).cpu().numpy()   # (B, H, W, 3)
+    return to_uint8(vae.decode(latents / scale_factor)).cpu().numpy()
 
 
 @torch.no_grad()
@@ -223,143 +256,11 @@ def sample_images(model, vae, scale_factor, labels, *, seed, batch_size, num_ste
                   guidance, cfg_ramp=True, show_scales=False, scale_upsample='bicubic'):
     """All `labels` in chunks of batch_size, chunk c seeded from (seed, c) as in sample_npz.
     returns uint8 (N, H, W, 3), or (N, n_scales, H, W, 3) with show_scales."""
-    out = []
-    for c, start in enumerate(range(0, len(labels), batch_size)):
-        out.append(generate(model, vae, scale_factor, labels[start:start + batch_size],
-                            num_steps=num_steps, cfg=cfg, guidance=guidance, cfg_ramp=cfg_ramp,
-                            generator=chunk_generator(seed, c), show_scales=show_scales,
-                            scale_upsample=scale_upsample))
-    return np.concatenate(out)
-
-
-# ---------------------------------------------------------------------------------------
-# The evaluation set: class-balanced, chunked, resumable, identical for any number of ranks
-# ---------------------------------------------------------------------------------------
-
-def npz_labels(num_images, num_classes):
-    """Image i has label i // (N / num_classes): N / num_classes images per class, in class order."""
-    if num_images % num_classes:
-        raise ValueError(f"--num-images {num_images} is not divisible by the {num_classes} classes; "
-                         f"a class-balanced set needs a multiple (e.g. "
-                         f"{(num_images // num_classes + 1) * num_classes})")
-    return np.arange(num_images, dtype=np.int64) // (num_images // num_classes)
-
-
-def _atomic_save_npy(arr, path):
-    with atomic_file(path) as tmp, open(tmp, 'wb') as f:  # a file object: np.save would append '.npy' to a name
-        np.save(f, arr)
-
-
-def _write_npz_streaming(path, chunk_paths, shape, labels):
-    """Write {'arr_0': uint8 shape, 'arr_1': labels, 'labels': labels} as an uncompressed
-    .npz (a zip of .npy files, what np.load and the FID/IS evaluators read), copying the
-    chunks in one at a time; atomic (data.atomic_file)."""
-    with atomic_file(path) as tmp, zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        with zf.open('arr_0.npy', 'w', force_zip64=True) as f:
-            np.lib.format.write_array_header_1_0(
-                f, {'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                    'fortran_order': False, 'shape': tuple(shape)})
-            n = 0
-            for p in chunk_paths:
-                a = np.load(p)
-                if a.dtype != np.uint8 or a.shape[1:] != tuple(shape[1:]):
-                    raise ValueError(f"{p}: expected uint8 (*, {shape[1:]}), got {a.dtype} {a.shape}")
-                f.write(np.ascontiguousarray(a).tobytes())
-                n += a.shape[0]
-            if n != shape[0]:
-                raise ValueError(f"the chunks hold {n} images, expected {shape[0]}")
-        for name in ('arr_1', 'labels'):
-            with zf.open(name + '.npy', 'w') as f:
-                np.lib.format.write_array(f, labels)
-
-
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def sample_npz(model, vae, scale_factor, out_path, *, num_images, seed, batch_size, num_steps,
-               cfg, guidance, cfg_ramp=True, rank=0, world_size=1, keep_parts=False, run_info=None,
-               log=print):
-    """Sample a class-balanced set of num_images into `out_path` (.npz, see the top of the
-    file for the format and the seeding contract). Every rank calls this with its rank and
-    the world size (torch.distributed initialised when world_size > 1). Returns out_path.
-
-    run_info: extra things to record in the parts folder (e.g. the checkpoint path); a
-    resumed run with other settings is refused instead of mixing two sets.
-    """
-    labels = npz_labels(num_images, model.num_classes)                     # (N,)
-    chunks = [(c, s, min(s + batch_size, num_images))
-              for c, s in enumerate(range(0, num_images, batch_size))]     # (index, start, stop)
-    parts = out_path + '.parts'
-    meta = dict(num_images=num_images, batch_size=batch_size, seed=seed, num_steps=num_steps,
-                cfg=cfg, guidance=guidance, cfg_ramp=cfg_ramp, num_classes=model.num_classes,
-                scales=[list(s) for s in model.scales], **(run_info or {}))
-    meta = json.loads(json.dumps(meta))  # what it reads back as
-    meta_path = os.path.join(parts, 'meta.json')
-    chunk_path = lambda c: os.path.join(parts, f'chunk_{c:06d}.npy')
-
-    # 1. An existing parts folder must come from the same settings (every rank checks).
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
-        if old != meta:
-            diff = {k: (old.get(k), meta.get(k)) for k in set(old) | set(meta) if old.get(k) != meta.get(k)}
-            raise ValueError(f"{parts} holds chunks of a run with other settings "
-                             f"(setting: (on disk, now)) {diff}; delete the folder or re-run with "
-                             f"the same settings to resume")
-    _barrier()
-    if rank == 0 and not os.path.isfile(meta_path):
-        os.makedirs(parts, exist_ok=True)
-        with atomic_file(meta_path) as tmp, open(tmp, 'w') as f:
-            json.dump(meta, f, indent=1)
-    _barrier()
-
-    # 2. What is left: every rank lists the folder before anyone writes (barrier), and the
-    # missing chunks are dealt out round-robin, so a resumed run stays balanced.
-    todo = [ch for ch in chunks if not os.path.isfile(chunk_path(ch[0]))]
-    _barrier()
-    mine = todo[rank::world_size]
-    if rank == 0:
-        done = len(chunks) - len(todo)
-        log(f"npz: {num_images} images ({num_images // model.num_classes} per class), "
-            f"{len(chunks)} chunks of {batch_size}, {world_size} rank(s)"
-            + (f"; resuming: {done} chunk(s) already in {parts}" if done else ""))
-
-    # 3. Sample my chunks, each as one batch with its own generator.
-    t0, made = time.time(), 0
-    left = sum(stop - start for _, start, stop in todo)
-    for c, start, stop in mine:
-        imgs = generate(model, vae, scale_factor, labels[start:stop], num_steps=num_steps,
-                        cfg=cfg, guidance=guidance, cfg_ramp=cfg_ramp,
-                        generator=chunk_generator(seed, c))  # (b, H, W, 3)
-        _atomic_save_npy(imgs, chunk_path(c))
-        made += stop - start
-        if rank == 0:  # progress of rank 0, times world_size as an estimate of the whole
-            rate = made * world_size / (time.time() - t0)
-            eta = max(left - made * world_size, 0) / rate
-            log(f"  chunk {c + 1}/{len(chunks)}: {rate:.2f} images/s (all ranks, est.), "
-                f"ETA {datetime.timedelta(seconds=round(eta))}")
-
-    # 4. Everyone done: rank 0 assembles the .npz and removes the parts.
-    _barrier()
-    if rank == 0:
-        paths = [chunk_path(c) for c, _, _ in chunks]
-        missing = [p for p in paths if not os.path.isfile(p)]
-        if missing:
-            raise RuntimeError(f"{len(missing)} chunk(s) missing after sampling, e.g. {missing[0]}")
-        shape = (num_images,) + np.load(paths[0], mmap_mode='r').shape[1:]  # (N, H, W, 3)
-        _write_npz_streaming(out_path, paths, shape, labels)
-        if not keep_parts:  # our files only (chunks, meta, temporaries of killed runs)
-            for name in os.listdir(parts):
-                if name.startswith(('chunk_', 'meta.json')):
-                    os.remove(os.path.join(parts, name))
-            if os.listdir(parts):
-                log(f"note: {parts} holds files sample.py did not write; left in place")
-            else:
-                os.rmdir(parts)
-        log(f"wrote {out_path}: arr_0 uint8 {shape}, arr_1/labels int64 ({num_images},)")
-    return out_path
+    return np.concatenate([
+        generate(model, vae, scale_factor, labels[start:stop], num_steps=num_steps, cfg=cfg,
+                 guidance=guidance, cfg_ramp=cfg_ramp, generator=chunk_generator(seed, c),
+                 show_scales=show_scales, scale_upsample=scale_upsample)
+        for c, start, stop in _chunks(len(labels), batch_size)])
 
 
 # ---------------------------------------------------------------------------------------
@@ -428,77 +329,61 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)
-
-    # One switch decides single-process vs torchrun: is RANK in the environment?
-    distributed = 'RANK' in os.environ and 'WORLD_SIZE' in os.environ
-    rank, world_size, device = 0, 1, args.device
-    if distributed:
-        if args.npz is None:
-            parser.error("under torchrun only --npz mode is supported (a grid is one process's job)")
-        rank, world_size = int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])
-        if torch.device(device).type == 'cuda':
-            local_rank = int(os.environ.get('LOCAL_RANK', 0))
-            torch.cuda.set_device(local_rank)
-            device = f'cuda:{local_rank}'
-            dist.init_process_group('nccl', device_id=torch.device(device))
-        else:
-            dist.init_process_group('gloo')
+    distributed, rank, world_size, device = _init_distributed(parser, args)
     log = print if rank == 0 else (lambda *a, **k: None)
 
-    # Model.
-    if args.official is not None:
-        model = load_official_model(args.official, args.model, device, args.trust_pickle)
-        preset, dataset, expected_sf = args.model, 'imagenet', None
-        vae_path = args.vae
-        log(f"model: released FlowAR-{args.model} from {args.official}")
-    else:
-        model, cfg = load_model_from_checkpoint(args.ckpt, use_ema=args.ema, device=device)
-        preset, dataset = cfg.get('model_preset'), cfg.get('dataset')
-        expected_sf = cfg.get('vae_scale_factor')
-        vae_path = args.vae if args.vae is not None else cfg.get('vae')
-        if vae_path is None:
-            raise ValueError(f"{args.ckpt!r} does not record its VAE (config['vae']); pass --vae PATH")
-        if args.vae is None and not os.path.isfile(vae_path):
-            raise FileNotFoundError(f"the VAE recorded in {args.ckpt!r}, {vae_path!r}, is not there "
-                                    f"(relative paths are relative to where train.py ran); pass --vae PATH")
-        log(f"model: {args.ckpt} ({'EMA' if args.ema else 'raw'} weights, preset {preset!r}, "
-            f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)")
-
-    # VAE.
+    model, preset, dataset, vae_path, trained_sf = _load_model(args, device, log)
     vae, scale_factor = load_vae(vae_path, device=device)
     check_vae(model, vae)
-    if expected_sf is not None and abs(expected_sf - scale_factor) > 1e-6 * abs(expected_sf):
-        raise ValueError(f"the model was trained on latents scaled by {expected_sf} but the VAE "
+    if trained_sf is not None and abs(trained_sf - scale_factor) > 1e-6 * abs(trained_sf):
+        raise ValueError(f"the model was trained on latents scaled by {trained_sf} but the VAE "
                          f"{vae_path!r} has scale factor {scale_factor}: not the VAE of training")
     log(f"vae: {vae_path} (scale factor {scale_factor})")
-
-    # Sampling settings.
     st = sampling_settings(preset, args.num_steps, args.cfg, args.guidance, args.cfg_ramp)
     log(f"sampling: num_steps={st['num_steps']} cfg={st['cfg']} cfg_ramp={st['cfg_ramp']} guidance={st['guidance']} "
         f"seed={args.seed} batch_size={args.batch_size} device={device}")
 
-    if args.npz is not None:
-        try:
-            sample_npz(model, vae, scale_factor, args.npz, num_images=args.num_images, seed=args.seed,
-                       batch_size=args.batch_size, rank=rank, world_size=world_size,
-                       keep_parts=args.keep_parts, log=log,
-                       run_info=dict(source=args.official or args.ckpt, ema=args.ema, vae=vae_path),
-                       **st)
-        finally:
-            if distributed:
-                dist.destroy_process_group()
-        return args.npz
+    if args.npz is None:
+        return _sample_grid(parser, args, model, vae, scale_factor, st, CLASS_NAMES.get(dataset), log)
+    try:
+        sample_npz(model, vae, scale_factor, args.npz, num_images=args.num_images, seed=args.seed,
+                   batch_size=args.batch_size, rank=rank, world_size=world_size, keep_parts=args.keep_parts,
+                   log=log, run_info=dict(source=args.official or args.ckpt, ema=args.ema, vae=vae_path), **st)
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    return args.npz
 
-    # Grid.
+
+def _load_model(args, device, log):
+    """--official or --ckpt -> (model, preset, dataset, VAE path, the VAE scale factor the
+    model was trained with, or None where the file does not record it)."""
+    if args.official is not None:
+        model = load_official_model(args.official, args.model, device, args.trust_pickle)
+        log(f"model: released FlowAR-{args.model} from {args.official}")
+        return model, args.model, 'imagenet', args.vae, None
+    model, cfg = load_model_from_checkpoint(args.ckpt, use_ema=args.ema, device=device)
+    vae_path = args.vae if args.vae is not None else cfg.get('vae')
+    if vae_path is None:
+        raise ValueError(f"{args.ckpt!r} does not record its VAE (config['vae']); pass --vae PATH")
+    if args.vae is None and not os.path.isfile(vae_path):
+        raise FileNotFoundError(f"the VAE recorded in {args.ckpt!r}, {vae_path!r}, is not there "
+                                f"(relative paths are relative to where train.py ran); pass --vae PATH")
+    log(f"model: {args.ckpt} ({'EMA' if args.ema else 'raw'} weights, preset {cfg.get('model_preset')!r}, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)")
+    return model, cfg.get('model_preset'), cfg.get('dataset'), vae_path, cfg.get('vae_scale_factor')
+
+
+def _sample_grid(parser, args, model, vae, scale_factor, st, names, log):
+    """The default mode: --per-class samples of each of --classes, one row per class (with
+    --show-scales one row per sample, one column per scale) -> the PNG's path."""
+    classes = list(range(min(10, model.num_classes)))
     if args.classes is not None:
         try:
             classes = parse_classes(args.classes, model.num_classes)
         except ValueError as err:
             parser.error(str(err))
-    else:
-        classes = list(range(min(10, model.num_classes)))
     per_class = args.per_class or (1 if args.show_scales else 8)
-    names = CLASS_NAMES.get(dataset)
     log("classes: " + ", ".join(f"{c} ({names[c]})" if names else str(c) for c in classes)
         + f"; {per_class} per class")
     labels = [c for c in classes for _ in range(per_class)]
@@ -508,22 +393,164 @@ def main(argv=None):
     dt = time.time() - t0
     log(f"sampled {len(labels)} images in {dt:.1f}s ({len(labels) / dt:.2f} images/s)")
     if args.show_scales:  # (N, n, H, W, 3): one row per sample, one column per scale
-        n_scales = imgs.shape[1]
-        grid = make_grid(imgs.reshape(-1, *imgs.shape[2:]), nrow=n_scales)
+        grid = make_grid(imgs.reshape(-1, *imgs.shape[2:]), nrow=imgs.shape[1])
         log(f"scales {[tuple(s) for s in model.scales]}, upsampled ({args.scale_upsample}) to "
             f"{tuple(model.scales[-1])} and decoded; the last column is the final sample")
     else:
         grid = make_grid(imgs, nrow=per_class)  # one row per class
-    out = args.out
-    if out is None:
-        stem = 'samples_scales' if args.show_scales else 'samples'
-        out = (os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), stem + '.png')
+    stem = 'samples_scales' if args.show_scales else 'samples'
+    default = (os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), stem + '.png')
                if args.ckpt else f"{stem}_{args.model}.png")
+    out = default if args.out is None else args.out
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     Image.fromarray(grid).save(out)
     log(f"wrote {out} ({grid.shape[1]}x{grid.shape[0]})")
     return out
 
 
+# ---------------------------------------------------------------------------------------
+# At scale: the .npz evaluation set (class-balanced, resumable, rank-invariant) and torchrun
+# ---------------------------------------------------------------------------------------
+
+def npz_labels(num_images, num_classes):
+    """Image i has label i // (N / num_classes): N / num_classes images per class, in class order."""
+    if num_images % num_classes:
+        raise ValueError(f"--num-images {num_images} is not divisible by the {num_classes} classes; "
+                         f"a class-balanced set needs a multiple (e.g. "
+                         f"{(num_images // num_classes + 1) * num_classes})")
+    return np.arange(num_images, dtype=np.int64) // (num_images // num_classes)
+
+
+def sample_npz(model, vae, scale_factor, out_path, *, num_images, seed, batch_size, num_steps,
+               cfg, guidance, cfg_ramp=True, rank=0, world_size=1, keep_parts=False, run_info=None,
+               log=print):
+    """Sample a class-balanced set of num_images into `out_path` (.npz, see the top of the
+    file for the format and the seeding contract). Every rank calls this with its rank and
+    the world size (torch.distributed initialised when world_size > 1). Returns out_path.
+
+    run_info: extra things to record in the parts folder (e.g. the checkpoint path); a
+    resumed run with other settings is refused instead of mixing two sets.
+    """
+    labels = npz_labels(num_images, model.num_classes)                     # (N,)
+    chunks = _chunks(num_images, batch_size)                               # (index, start, stop)
+    parts = out_path + '.parts'
+    chunk_path = lambda c: os.path.join(parts, f'chunk_{c:06d}.npy')
+    meta = dict(num_images=num_images, batch_size=batch_size, seed=seed, num_steps=num_steps,
+                cfg=cfg, guidance=guidance, cfg_ramp=cfg_ramp, num_classes=model.num_classes,
+                scales=[list(s) for s in model.scales], **(run_info or {}))
+    # 1. An existing parts folder must come from the same settings (every rank checks).
+    _open_parts(parts, meta, rank)
+
+    # 2. What is left: every rank lists the folder before anyone writes (barrier), and the
+    # missing chunks are dealt out round-robin, so a resumed run stays balanced.
+    todo = [ch for ch in chunks if not os.path.isfile(chunk_path(ch[0]))]
+    _barrier()
+    if rank == 0:
+        done = len(chunks) - len(todo)
+        log(f"npz: {num_images} images ({num_images // model.num_classes} per class), "
+            f"{len(chunks)} chunks of {batch_size}, {world_size} rank(s)"
+            + (f"; resuming: {done} chunk(s) already in {parts}" if done else ""))
+
+    # 3. Sample my chunks, each as one batch with its own generator.
+    t0, made, left = time.time(), 0, sum(stop - start for _, start, stop in todo)
+    for c, start, stop in todo[rank::world_size]:
+        imgs = generate(model, vae, scale_factor, labels[start:stop], num_steps=num_steps, cfg=cfg,
+                        guidance=guidance, cfg_ramp=cfg_ramp, generator=chunk_generator(seed, c))  # (b, H, W, 3)
+        with atomic_file(chunk_path(c)) as tmp, open(tmp, 'wb') as f:  # a file object: np.save would
+            np.save(f, imgs)                                             # append '.npy' to a name
+        made += stop - start
+        if rank == 0:  # progress of rank 0, times world_size as an estimate of the whole
+            rate = made * world_size / (time.time() - t0)
+            eta = max(left - made * world_size, 0) / rate
+            log(f"  chunk {c + 1}/{len(chunks)}: {rate:.2f} images/s (all ranks, est.), "
+                f"ETA {datetime.timedelta(seconds=round(eta))}")
+
+    # 4. Everyone done: rank 0 assembles the .npz and removes the parts.
+    _barrier()
+    if rank == 0:
+        _assemble_npz(out_path, parts, [chunk_path(c) for c, _, _ in chunks], labels, keep_parts, log)
+    return out_path
+
+
+def _open_parts(parts, meta, rank):
+    """Refuse a parts folder whose meta.json differs from `meta`; create it (rank 0) if new."""
+    meta = json.loads(json.dumps(meta))  # what it reads back as
+    meta_path = os.path.join(parts, 'meta.json')
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        if old != meta:
+            diff = {k: (old.get(k), meta.get(k)) for k in set(old) | set(meta) if old.get(k) != meta.get(k)}
+            raise ValueError(f"{parts} holds chunks of a run with other settings "
+                             f"(setting: (on disk, now)) {diff}; delete the folder or re-run with "
+                             f"the same settings to resume")
+    _barrier()
+    if rank == 0 and not os.path.isfile(meta_path):
+        os.makedirs(parts, exist_ok=True)
+        with atomic_file(meta_path) as tmp, open(tmp, 'w') as f:
+            json.dump(meta, f, indent=1)
+    _barrier()
+
+
+def _assemble_npz(out_path, parts, paths, labels, keep_parts, log):
+    """Rank 0, every chunk on disk: write {'arr_0': uint8 (N, H, W, 3), 'arr_1': labels,
+    'labels': labels} as an uncompressed .npz (a zip of .npy files, what np.load and the
+    FID/IS evaluators read), copying the chunks in one at a time; atomic (data.atomic_file)."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise RuntimeError(f"{len(missing)} chunk(s) missing after sampling, e.g. {missing[0]}")
+    shape = (len(labels),) + np.load(paths[0], mmap_mode='r').shape[1:]  # (N, H, W, 3)
+    with atomic_file(out_path) as tmp, zipfile.ZipFile(tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open('arr_0.npy', 'w', force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(
+                f, {'descr': np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+                    'fortran_order': False, 'shape': tuple(shape)})
+            n = 0
+            for p in paths:
+                a = np.load(p)
+                if a.dtype != np.uint8 or a.shape[1:] != tuple(shape[1:]):
+                    raise ValueError(f"{p}: expected uint8 (*, {shape[1:]}), got {a.dtype} {a.shape}")
+                f.write(np.ascontiguousarray(a).tobytes())
+                n += a.shape[0]
+            if n != shape[0]:
+                raise ValueError(f"the chunks hold {n} images, expected {shape[0]}")
+        for name in ('arr_1', 'labels'):
+            with zf.open(name + '.npy', 'w') as f:
+                np.lib.format.write_array(f, labels)
+    if not keep_parts:  # our files only (chunks, meta, temporaries of killed runs)
+        for name in os.listdir(parts):
+            if name.startswith(('chunk_', 'meta.json')):
+                os.remove(os.path.join(parts, name))
+        if os.listdir(parts):
+            log(f"note: {parts} holds files sample.py did not write; left in place")
+        else:
+            os.rmdir(parts)
+    log(f"wrote {out_path}: arr_0 uint8 {shape}, arr_1/labels int64 ({len(labels)},)")
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _init_distributed(parser, args):
+    """One switch decides single-process vs torchrun: is RANK in the environment? -> (distributed,
+    rank, world_size, device); a torchrun rank samples on GPU LOCAL_RANK (nccl), or on the CPU (gloo)."""
+    if not ('RANK' in os.environ and 'WORLD_SIZE' in os.environ):
+        return False, 0, 1, args.device
+    if args.npz is None:
+        parser.error("under torchrun only --npz mode is supported (a grid is one process's job)")
+    rank, world_size, device = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), args.device
+    if torch.device(device).type == 'cuda':
+        local_rank = int(os.environ.get('LOCAL_RANK', 0))
+        torch.cuda.set_device(local_rank)
+        device = f'cuda:{local_rank}'
+        dist.init_process_group('nccl', device_id=torch.device(device))
+    else:
+        dist.init_process_group('gloo')
+    return True, rank, world_size, device
+
+
 if __name__ == '__main__':
+    data.keep_freed_memory()  # CPU: reuse freed memory instead of page-faulting it back in
     main()

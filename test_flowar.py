@@ -505,7 +505,7 @@ def test_released_small_state_dict_loads_strictly_and_wrong_shapes_are_named():
             sd[k] = model.get_submodule(k[:-6]).freqs.clone()
         else:
             sd[k] = torch.randn(shape, generator=g) * 0.01
-    load = lambda m, obj: vae.load_state_dict_strict(m, flowar.official_state_dict(m, obj), what='released S')
+    load = lambda m, obj: vae.load_state_dict_strict(m, sample.official_state_dict(m, obj), what='released S')
     load(model, {'model_ema': sd, 'model': {}})
     assert torch.equal(model.flownet.res_blocks[1].ada_lin.weight, sd['flownet.res_blocks.1.ada_lin.weight'])
     assert torch.equal(model.encoder_pos_embed_learned, sd['encoder_pos_embed_learned'])
