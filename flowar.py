@@ -145,10 +145,9 @@ def token_positions(scales):
     scales = normalize_scales(scales)
     H, W = scales[-1]
     pos = []
-    for h, w in scales:
-        rows = torch.arange(h, dtype=torch.float64) / h * H
-        cols = torch.arange(w, dtype=torch.float64) / w * W
-        rr, cc = torch.meshgrid(rows, cols, indexing='ij')  # raster (row-major) order
+    for h, w in scales:                                     # raster (row-major) order
+        rr, cc = torch.meshgrid(torch.arange(h, dtype=torch.float64) / h * H,
+                                torch.arange(w, dtype=torch.float64) / w * W, indexing='ij')
         pos.append(torch.stack([rr.reshape(-1), cc.reshape(-1)], dim=1))
     return torch.cat(pos).float()
 
@@ -320,11 +319,8 @@ def timestep_embedding(t, dim=256, max_period=10000):
 
 
 class TimestepEmbedder(nn.Module):
-    """t in [0, 1] -> (B, W).
-
-    RELEASED vs PAPER: the paper treats t as continuous; the released code embeds the
-    integer step int(t * 1000) (truncation), which we follow for checkpoint fidelity.
-    """
+    """t in [0, 1] -> (B, W). RELEASED vs PAPER: the paper treats t as continuous; the
+    released code embeds the integer step int(t * 1000) (truncated), which we follow."""
 
     def __init__(self, width, freq_dim=256):
         super().__init__()
@@ -514,10 +510,8 @@ class FlowAR(nn.Module):
                            num_classes=num_classes, ar_dim=ar_dim, enc_depth=enc_depth,
                            dec_depth=dec_depth, ar_heads=ar_heads, head_depth=head_depth,
                            head_dim=head_dim, head_block=head_block, mlp_ratio=mlp_ratio,
-                           attn_dropout=attn_dropout,
-                           proj_dropout=proj_dropout, rope_theta=rope_theta,
-                           grad_checkpointing=grad_checkpointing, scale_weighting=scale_weighting,
-                           init=init)
+                           attn_dropout=attn_dropout, proj_dropout=proj_dropout, rope_theta=rope_theta,
+                           grad_checkpointing=grad_checkpointing, scale_weighting=scale_weighting, init=init)
         self.scales, self.slices = scales_hw, scale_slices(scales_hw)
         self.latent_channels, self.num_classes = latent_channels, num_classes
         self.grad_checkpointing, self.scale_weighting = grad_checkpointing, scale_weighting
@@ -551,12 +545,11 @@ class FlowAR(nn.Module):
     def from_preset(cls, name, **overrides):
         if name not in PRESETS:
             raise ValueError(f"unknown FlowAR preset {name!r}; choose one of {sorted(PRESETS)}")
-        cfg = dict(PRESETS[name])
-        unknown = set(overrides) - set(cfg)
-        if unknown:
-            raise ValueError(f"unknown FlowAR config field(s) {sorted(unknown)}; valid: {sorted(cfg)}")
-        cfg.update(overrides)
-        return cls(**cfg)
+        cfg = PRESETS[name]
+        if set(overrides) - set(cfg):
+            raise ValueError(f"unknown FlowAR config field(s) {sorted(set(overrides) - set(cfg))}; "
+                             f"valid: {sorted(cfg)}")
+        return cls(**dict(cfg, **overrides))
 
     def initialize_weights(self, init='released'):
         """Released initialisation: every Linear xavier-uniform with zero bias (the head's
