@@ -551,6 +551,21 @@ def test_lr_schedule_warmup_and_cosine_values():
     assert lr(150) > lr(200) > lr(300) > lr(399)
 
 
+def test_vae_uses_the_same_schedule_with_a_one_based_warmup_and_a_time_budget():
+    # vae.train_vae: lr_at(x, lr, 0.1 * lr, warmup, steps) with x = step + 1 in the warm-up
+    # (the first step is not spent at lr 0), x = step after it, and with a time budget the
+    # cosine part moves with the elapsed fraction of the budget when that is further along
+    assert train.lr_at is vae.lr_at                                   # one schedule
+    lr = lambda step, elapsed=0.0, budget=None: vae.lr_at(
+        vae._schedule_position(step, 600, 30, elapsed, budget), 2e-3, 2e-4, 30, 600)
+    assert math.isclose(lr(0), 2e-3 / 30) and math.isclose(lr(29), 2e-3)
+    assert math.isclose(lr(30), 2e-3) and math.isclose(lr(315), 2e-4 + 1.8e-3 * 0.5)
+    assert math.isclose(lr(599), 2e-4 + 1.8e-3 * 0.5 * (1 + math.cos(math.pi * 569 / 570)))
+    assert math.isclose(lr(100, elapsed=50, budget=100), lr(315))     # half the budget used
+    assert math.isclose(lr(100, elapsed=100, budget=100), 2e-4)      # budget over: the floor
+    assert math.isclose(lr(10, elapsed=90, budget=100), 2e-3 * 11 / 30)  # warm-up by steps
+
+
 def test_param_groups_exclude_biases_and_1d_params_from_weight_decay():
     model = tiny_model()
     decay, no_decay = train.param_groups(model, 0.02)

@@ -64,9 +64,9 @@ _IMAGENET = dict(
 
 PRESETS = {
     # The CPU toy: a 1.9M-parameter FlowAR on 4x8x8 latents of a small VAE trained here.
-    # Sized for 20 minutes on 2 CPU cores; measured 20.5 min: VAE 8.6 min (600 steps),
-    # latent cache 1.1 min (no flipped copies), FlowAR 10.8 min (1.35 epochs). The README's
-    # "What makes the toy work" has the measurements behind these choices.
+    # Sized for 20 minutes on 2 CPU cores; measured 17.8-18.7 min: VAE 8.7-9.5 min (600
+    # steps), latent cache 1.2 min (no flipped copies), FlowAR 7.9 min (1.35 epochs, scales
+    # {1, 8}). The README's "What makes the toy work" has the measurements behind them.
     'cifar-toy': dict(
         model='toy', dataset='cifar10', data_dir='data', out='out/cifar-toy', vae='',
         image_size=32, subset=0, batch_size=64, micro_batch=0,
