@@ -127,8 +127,11 @@ def upsample_to_next(s, full_hw, next_hw):
 
 def scale_slices(scales):
     """Where each scale's tokens sit in the flattened sequence: list of slice objects."""
-    sizes = [h * w for h, w in normalize_scales(scales)]
-    return [slice(sum(sizes[:i]), sum(sizes[:i + 1])) for i in range(len(sizes))]
+    out, start = [], 0
+    for h, w in normalize_scales(scales):   # scale i holds h_i * w_i tokens, after scales < i
+        out.append(slice(start, start + h * w))
+        start += h * w
+    return out
 
 
 def block_causal_mask(scales):

@@ -54,8 +54,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
-import data
-from data import CIFAR10_CLASSES, SHAPES_CLASSES, atomic_file, to_uint8
+from data import CIFAR10_CLASSES, SHAPES_CLASSES, atomic_file, keep_freed_memory, to_uint8
 from flowar import FlowAR, SAMPLING_DEFAULTS
 from vae import load_state_dict_strict, load_vae
 
@@ -552,5 +551,5 @@ def _init_distributed(parser, args):
 
 
 if __name__ == '__main__':
-    data.keep_freed_memory()  # CPU: reuse freed memory instead of page-faulting it back in
+    keep_freed_memory()  # CPU: reuse freed memory instead of page-faulting it back in
     main()
