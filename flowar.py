@@ -211,7 +211,7 @@ class RoPE2D(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with 2D RoPE, an optional mask and an optional KV cache.
+    """Multi-head self-attention with 2D RoPE, an optional additive (N, N) mask and an optional KV cache.
 
     With a cache (a dict per layer, used at sampling time) the keys/values of the current
     scale are appended to those of the earlier scales and the queries attend to all of
@@ -237,6 +237,7 @@ class Attention(nn.Module):
                 k, v = torch.cat([cache['k'], k], dim=2), torch.cat([cache['v'], v], dim=2)
             cache['k'], cache['v'] = k, v
         p = self.attn_dropout if self.training else 0.0
+        mask = None if mask is None else mask.to(q.dtype)  # additive: q's dtype (bf16 autocast)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, h, N, d)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(B, N, D)))
 
@@ -464,17 +465,6 @@ def euler_time_grid(num_steps, dtype=torch.float64, device=None):
                       torch.linspace(0.25, 0, n + 1, dtype=dtype, device=device)])
 
 
-def euler_integrate(velocity, x, ts):
-    """Integrate dx/dt = velocity(x, t) along the grid ts (decreasing, 1 -> 0) with Euler
-    steps x <- x + (t_{j+1} - t_j) * v(x, t_j). x is kept in float64 (as released).
-    velocity(x, t) receives x in float64 and a python float t and returns a tensor."""
-    x = x.double()
-    for j in range(len(ts) - 1):
-        t, t_next = float(ts[j]), float(ts[j + 1])
-        x = x + (t_next - t) * velocity(x, t).double()
-    return x
-
-
 def cfg_schedule(num_scales, cfg, ramp=True):
     """CFG weight per scale, rising linearly from 1 at the first scale to `cfg` at the last
     (ramp=True, released; the paper does not describe it), or `cfg` at every scale
@@ -540,7 +530,10 @@ class FlowAR(nn.Module):
         # The flow-matching head, shared by all scales.
         self.flownet = FlowHead(latent_channels, head_dim, head_depth, D, head_block, mlp_ratio, rope_theta)
 
-        self.register_buffer('attn_mask', block_causal_mask(scales_hw), persistent=False)  # (L, L)
+        # The mask as released: additive, 0 = may attend, -inf = blocked. (torch's CPU
+        # attention runs faster with it than with the bool mask, same outputs: README, Speed.)
+        allowed = block_causal_mask(scales_hw)                                             # (L, L) bool
+        self.register_buffer('attn_mask', torch.zeros(L, L).masked_fill(~allowed, float('-inf')), persistent=False)
         self.register_buffer('positions', token_positions(scales_hw), persistent=False)    # (L, 2)
         self.initialize_weights(init)
 
@@ -645,11 +638,17 @@ class FlowAR(nn.Module):
         t = 1 is pure noise. We follow the released code (checkpoints need it)."""
         return (1 - t) * x + t * eps, eps - x                          # Eq. 7, Eq. 8 (released sign)
 
-    def integrate(self, predict, noise, ts):
-        """Inference of Eq. 7-8: move noise (t = ts[0] = 1) to a token map (t = ts[-1] = 0)
-        given predict(x, t), the head's (CFG-combined) velocity: Euler steps on
-        dx/dt = v along the grid ts (euler_integrate). Returns float64 (B, N, C)."""
-        return euler_integrate(predict, noise, ts)
+    @staticmethod
+    def integrate(velocity, x, ts):
+        """Inference of Eq. 7-8: move noise x (t = ts[0] = 1) to a token map (t = ts[-1] = 0)
+        with Euler steps x <- x + (t_{j+1} - t_j) * v(x, t_j) on the decreasing grid ts.
+        velocity(x, t): the head's (CFG-combined) velocity at x (float64) and a python float
+        t. x is kept in float64 (as released); returns float64, x's shape."""
+        x = x.double()
+        for j in range(len(ts) - 1):
+            t, t_next = float(ts[j]), float(ts[j + 1])
+            x = x + (t_next - t) * velocity(x, t).double()
+        return x
 
     # ---- Eq. 7-9: the training loss -----------------------------------------------------
 
@@ -703,14 +702,6 @@ class FlowAR(nn.Module):
         returns latents (B, C, H, W) in the scaled latent space of training; with
         return_details also {'maps': [s^i], 'semantics': [conditional s-hat^i, (B, N_i, D)]}.
         """
-        was_training = self.training
-        self.eval()  # no dropout while sampling
-        try:
-            return self._sample(labels, num_steps, cfg, guidance, generator, batch_size, return_details, cfg_ramp)
-        finally:
-            self.train(was_training)
-
-    def _sample(self, labels, num_steps, cfg, guidance, generator, batch_size, return_details, cfg_ramp):
         device = self.class_emb.weight.device
         dtype = self.class_emb.weight.dtype
         if labels is None:  # unconditional samples: the null class
@@ -730,6 +721,8 @@ class FlowAR(nn.Module):
         caches = [dict() for _ in range(len(self.encoder_blocks) + len(self.decoder_blocks))]
         maps, sems = [], []
         gen_device = generator.device if generator is not None else device
+        was_training = self.training
+        self.eval()  # no dropout while sampling (the mode is restored at the end)
 
         for i, (hw, sl) in enumerate(zip(self.scales, self.slices)):
             # AR step: input of scale i is C (i = 0) or Up(s^{i-1}) of the generated map,
@@ -761,4 +754,5 @@ class FlowAR(nn.Module):
             x = self.integrate(predict, noise, ts)                         # (B, N_i, C) float64
             maps.append(map_from_tokens(x.to(dtype), hw))
 
+        self.train(was_training)
         return (maps[-1], dict(maps=maps, semantics=sems)) if return_details else maps[-1]
