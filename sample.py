@@ -135,7 +135,7 @@ def official_state_dict(model, obj):
     sd = {k.removeprefix('module.'): v for k, v in obj.items()}    # saved from a DDP wrapper
     hint = "; is it the right preset (--model S|L|H)?"
     if 'mask' in sd:  # block-causal, bool or additive (0 = may attend)
-        m, ours = sd.pop('mask').reshape(-1).cpu(), (model.attn_mask == 0).reshape(-1).cpu()
+        m, ours = sd.pop('mask').reshape(-1).cpu(), model.attn_mask.reshape(-1).cpu()
         allowed = m if m.dtype == torch.bool else (m == 0)
         if m.numel() != ours.numel() or not (torch.equal(allowed, ours) or torch.equal(~allowed, ours)):
             raise ValueError(f"the checkpoint's attention mask is not the block-causal mask of "

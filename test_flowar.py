@@ -500,7 +500,7 @@ def test_released_small_state_dict_loads_strictly_and_wrong_shapes_are_named():
     sd = {}
     for k, shape in shapes.items():
         if k == 'mask':   # the released mask is additive: 0 = attend, -inf = blocked
-            sd[k] = model.attn_mask.clone()[None, None]
+            sd[k] = torch.where(model.attn_mask, 0.0, float('-inf'))[None, None]
         elif k.endswith('.rope.freqs'):
             sd[k] = model.get_submodule(k[:-6]).freqs.clone()
         else:

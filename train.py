@@ -64,9 +64,10 @@ _IMAGENET = dict(
 
 PRESETS = {
     # The CPU toy: a 1.9M-parameter FlowAR on 4x8x8 latents of a small VAE trained here.
-    # Sized for 20 minutes on 2 CPU cores; measured 17.8-18.7 min: VAE 8.7-9.5 min (600
-    # steps), latent cache 1.2 min (no flipped copies), FlowAR 7.9 min (1.35 epochs, scales
-    # {1, 8}). The README's "What makes the toy work" has the measurements behind them.
+    # Sized for 20 minutes on 2 CPU cores; measured 18.2 min: VAE 9.2 min (2,200 steps of
+    # batch 16: more updates on the same images give 25.0 dB instead of 22.4 at batch 64),
+    # latent cache 1.2 min (no flipped copies), FlowAR 7.7 min (1.35 epochs, scales {1, 8}).
+    # The README's "What makes the toy work" has the measurements behind them.
     'cifar-toy': dict(
         model='toy', dataset='cifar10', data_dir='data', out='out/cifar-toy', vae='',
         image_size=32, subset=0, batch_size=64, micro_batch=0,
