@@ -699,6 +699,14 @@ class FlowAR(nn.Module):
         returns latents (B, C, H, W) in the scaled latent space of training; with
         return_details also {'maps': [s^i], 'semantics': [conditional s-hat^i, (B, N_i, D)]}.
         """
+        was_training = self.training
+        self.eval()  # no dropout while sampling; the mode comes back even after an error
+        try:
+            return self._sample(labels, num_steps, cfg, guidance, generator, batch_size, return_details, cfg_ramp)
+        finally:
+            self.train(was_training)
+
+    def _sample(self, labels, num_steps, cfg, guidance, generator, batch_size, return_details, cfg_ramp):
         device = self.class_emb.weight.device
         dtype = self.class_emb.weight.dtype
         if labels is None:  # unconditional samples: the null class
@@ -718,8 +726,6 @@ class FlowAR(nn.Module):
         caches = [dict() for _ in range(len(self.encoder_blocks) + len(self.decoder_blocks))]
         maps, sems = [], []
         gen_device = generator.device if generator is not None else device
-        was_training = self.training
-        self.eval()  # no dropout while sampling (the mode is restored at the end)
 
         for i, (hw, sl) in enumerate(zip(self.scales, self.slices)):
             # AR step: input of scale i is C (i = 0) or Up(s^{i-1}) of the generated map,
@@ -751,5 +757,4 @@ class FlowAR(nn.Module):
             x = self.integrate(predict, noise, ts)                         # (B, N_i, C) float64
             maps.append(map_from_tokens(x.to(dtype), hw))
 
-        self.train(was_training)
         return (maps[-1], dict(maps=maps, semantics=sems)) if return_details else maps[-1]

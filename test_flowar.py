@@ -2097,3 +2097,13 @@ def test_keep_freed_memory_stops_the_page_faults_of_sampling():
     if applied != 'True':
         pytest.skip("not glibc: keep_freed_memory is a no-op here")
     assert out['tuned'] * 5 < out['plain'], out
+
+
+def test_sample_restores_the_training_mode_even_after_an_error():
+    model = FlowAR.from_preset('toy', ar_dim=64, enc_depth=1, dec_depth=1, ar_heads=2, head_depth=1, head_dim=64)
+    model.train()
+    model.sample(torch.tensor([1]), num_steps=4)
+    assert model.training
+    with pytest.raises(ValueError, match='class ids'):
+        model.sample(torch.tensor([99]), num_steps=4)      # fails inside, after eval()
+    assert model.training
