@@ -7,14 +7,13 @@ Speed of flowar.py on this machine, as a share of the machine's own matmul rate.
     python bench.py --device cuda --bf16 --compile --presets S   # and torch.compile
 
 Per preset, on random data of the right shapes: `train` (loss of Eq. 9 + backward + AdamW),
-`sample` (model.sample at flowar.SAMPLING_DEFAULTS), and the AR stage of sampling alone
-with and without the KV cache. Each row: the median seconds per call after --warmup
-untimed calls (min-max beside it), images/s, FLOPs per image counted by torch's
-FlopCounterMode on one call (matmuls, convolutions, attention, not element-wise work; with
---compile counted on the eager model), GFLOP/s, and their *share of the matmul rate* (2048^3
-products, measured at the start of the same run): optimise the share, absolute times on a
-shared machine drift. Peak memory: torch.cuda's peak on a GPU, on a CPU the peak resident
-size of this process so far (it includes the rows above).
+`sample` (model.sample at flowar.SAMPLING_DEFAULTS), and the AR stage of sampling alone with
+and without the KV cache. Each row: median seconds per call after --warmup untimed calls
+(min-max), images/s, FLOPs per image (torch's FlopCounterMode, one eager call: products and
+attention), GFLOP/s and their *share of the matmul rate* (2048^3 products, measured first):
+optimise the share, absolute times on a shared machine drift. On a CPU, one profiled call
+(torch.profiler) gives the share its products reach by themselves (the ceiling at these
+shapes) and the part of its time they take. Peak memory: torch.cuda's, or the process RSS.
 """
 
 import argparse
@@ -39,21 +38,31 @@ CPU_SDPA_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
         lambda g, q, k, v, *a, **kw: flop_counter.sdpa_backward_flop_count(g, q, k, v),
 }
+# the ops that do the counted FLOPs, by their profiler names
+PRODUCT_OPS = {'aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', *(f'aten::{op.__name__}' for op in CPU_SDPA_FLOPS)}
+
+
+def products_seconds(fn):
+    """One call of fn under torch.profiler (CPU): (seconds inside the ops whose FLOPs are
+    counted, i.e. matrix products and CPU attention, by their self time; seconds in all)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        total = time.perf_counter() - t0
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in PRODUCT_OPS) / 1e6, total
 
 
 def time_calls(fn, device, warmup, repeats):
     """fn() `warmup` times untimed, then `repeats` times -> list of seconds."""
-    sync = (lambda d: torch.cuda.synchronize(d)) if device.type == 'cuda' else (lambda d: None)
-    for _ in range(warmup):
-        fn()
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else (lambda: None)
     times = []
-    for _ in range(repeats):
-        sync(device)
+    for _ in range(warmup + repeats):
+        sync()
         t0 = time.perf_counter()
         fn()
-        sync(device)
+        sync()
         times.append(time.perf_counter() - t0)
-    return times
+    return times[warmup:]
 
 
 def matmul_rate(device, dtype, n=2048, repeats=10):
@@ -68,6 +77,7 @@ def measure(name, fn, images, device, args, rate, repeats=None, compile_modules=
     with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as fc:
         fn()
     flops = fc.get_total_flops()
+    products_s, profiled_s = products_seconds(fn) if device.type == 'cpu' else (float('nan'),) * 2
     if args.compile:
         for m in compile_modules:
             m.compile()  # in place: the module keeps its parameters and names
@@ -79,7 +89,8 @@ def measure(name, fn, images, device, args, rate, repeats=None, compile_modules=
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # KiB on Linux
     return dict(work=name, batch=images, median_s=med, min_s=min(times), max_s=max(times),
                 images_per_s=images / med, gflop_per_image=flops / images / 1e9,
-                gflop_per_s=flops / med / 1e9, share=flops / med / rate, peak_mib=peak_mib)
+                gflop_per_s=flops / med / 1e9, share=flops / med / rate, peak_mib=peak_mib,
+                products_share=flops / products_s / rate, products_part=products_s / profiled_s)
 
 
 def bench_preset(preset, device, args, rate):
@@ -100,11 +111,9 @@ def bench_preset(preset, device, args, rate):
     def train_step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
-            loss, _ = model(latents, labels[:train_b], noise, t)
-        loss.backward()
+            model(latents, labels[:train_b], noise, t)[0].backward()
         opt.step()
-    rows.append(measure('train (fwd+bwd+AdamW)', train_step, train_b, device, args, rate,
-                        compile_modules=[model]))
+    rows.append(measure('train (fwd+bwd+AdamW)', train_step, train_b, device, args, rate, compile_modules=[model]))
 
     # sample: the preset's sampling defaults, one call = sample_b images
     sd, gen, _ = flowar.SAMPLING_DEFAULTS[preset], torch.Generator(device=device), model.eval()
@@ -116,8 +125,7 @@ def bench_preset(preset, device, args, rate):
     name = f"sample ({sd['num_steps']} steps, cfg {sd['cfg']}{' ramp' if sd['cfg_ramp'] else ''})"
     # sampling calls the blocks and the head, not model.forward: compile those
     blocks = [*model.encoder_blocks, *model.decoder_blocks, model.flownet]
-    rows.append(measure(name, sample, sample_b, device, args, rate, repeats=args.sample_repeats,
-                        compile_modules=blocks))
+    rows.append(measure(name, sample, sample_b, device, args, rate, args.sample_repeats, blocks))
 
     # kv: the AR stage with and without the cache, on the CFG batch of sampling
     y = torch.cat([labels[:sample_b], torch.full((sample_b,), model.num_classes, device=device)])
@@ -137,8 +145,7 @@ def bench_preset(preset, device, args, rate):
               (('AR stage, KV cache', with_cache), ('AR stage, no cache', without_cache))]
     for r in rows + kv:
         r.update(preset=preset, params_m=params)
-    kv[0].update(max_abs_diff=diff, token_passes=sum(sl.stop for sl in model.slices),
-                 tokens=model.slices[-1].stop)
+    kv[0].update(max_abs_diff=diff, token_passes=sum(sl.stop for sl in model.slices), tokens=model.slices[-1].stop)
     return rows, kv
 
 
@@ -147,13 +154,15 @@ def print_table(rows, kv, rate, device, args):
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
     print("| preset | params | work | batch | s per call: median (min-max) | images/s | GFLOP/image "
-          "| GFLOP/s | share of matmul rate | peak MiB |\n|---|---|---|---|---|---|---|---|---|---|")
+          "| GFLOP/s | share of matmul rate | its products: share, part of the time | peak MiB |"
+          "\n|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows + kv:
         print(f"| {r['preset']} | {r['params_m']:.1f}M | {r['work']} | {r['batch']} | {r['median_s']:.3f} "
               f"({r['min_s']:.3f}-{r['max_s']:.3f}) | {r['images_per_s']:.2f} | {r['gflop_per_image']:.3g} "
-              f"| {r['gflop_per_s']:.1f} | {100 * r['share']:.0f}% | {r['peak_mib']:.0f} |")
-    print("\nKV cache (AR stage only): speed-up = no-cache / cached median time; ideal = token "
-          "passes without / with the cache (sum_i P_i / L); diff = max |cached - recomputed| s-hat.\n")
+              f"| {r['gflop_per_s']:.1f} | {100 * r['share']:.0f}% | {100 * r['products_share']:.0f}%, "
+              f"{100 * r['products_part']:.0f}% | {r['peak_mib']:.0f} |")
+    print("\nKV cache (AR stage only): speed-up = no-cache / cached median time; ideal = token passes "
+          "without / with the cache (sum_i P_i / L); diff = max |cached - recomputed| s-hat.\n")
     print("| preset | speed-up | ideal (tokens) | FLOPs ratio | max abs diff |\n|---|---|---|---|---|")
     for c, n in zip(kv[0::2], kv[1::2]):
         passes, L = c['token_passes'], c['tokens']

@@ -2107,3 +2107,15 @@ def test_sample_restores_the_training_mode_even_after_an_error():
     with pytest.raises(ValueError, match='class ids'):
         model.sample(torch.tensor([99]), num_steps=4)      # fails inside, after eval()
     assert model.training
+
+
+def test_bench_products_seconds_counts_matrix_products_and_nothing_else():
+    # bench.py's "its products" columns: a call that is one big product spends almost all
+    # its time in products; a call of element-wise work spends none there.
+    import bench
+    a = torch.randn(512, 512)
+    prod_s, total_s = bench.products_seconds(lambda: [a @ a for _ in range(4)])
+    assert 0 < prod_s <= total_s and prod_s > 0.5 * total_s, (prod_s, total_s)
+    lin = torch.nn.Linear(512, 512)                           # addmm, counted too
+    assert bench.products_seconds(lambda: lin(a))[0] > 0
+    assert bench.products_seconds(lambda: [a * a + 1 for _ in range(4)])[0] == 0
