@@ -64,9 +64,9 @@ _IMAGENET = dict(
 
 PRESETS = {
     # The CPU toy: a 1.9M-parameter FlowAR on 4x8x8 latents of a small VAE trained here.
-    # Sized for 20 minutes on 2 CPU cores; measured 18.2 min: VAE 9.2 min (2,200 steps of
+    # Sized for 20 minutes on 2 CPU cores; measured 18.0 min: VAE 9.4 min (2,200 steps of
     # batch 16: more updates on the same images give 25.0 dB instead of 22.4 at batch 64),
-    # latent cache 1.2 min (no flipped copies), FlowAR 7.7 min (1.35 epochs, scales {1, 8};
+    # latent cache 1.3 min (no flipped copies), FlowAR 7.2 min (1.35 epochs, scales {1, 8};
     # logit-normal t: 0.809 / FD 1.80x against 0.767 / 1.93x with the released uniform t).
     # The README's "What makes the toy work" has the measurements behind them.
     'cifar-toy': dict(
