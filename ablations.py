@@ -14,8 +14,8 @@ Every row trains the toy FlowAR (flowar.PRESETS['toy'], with the full pyramid of
 change, from scratch, on the latent cache of a finished `python train.py` run (--base: its vae.pt and
 latents/), for --steps optimizer steps of the toy recipe (batch 64, AdamW lr 2e-3 with
 warm-up and cosine, EMA 0.999 with warm-up, label drop 0.1; the randomness of train.py);
-then samples --num-samples class-balanced images with fixed sampling settings (SAMPLING: 8 Euler steps, constant cfg 5) from
-the EMA weights and scores them (classifier accuracy, Frechet distance). It writes
+then samples --num-samples class-balanced images with fixed sampling settings (SAMPLING:
+8 Euler steps, constant cfg 5) from the EMA weights and scores them (classifier accuracy, Frechet distance). It writes
     OUT/table<k>/<row>-seed<s>.json   the result (accuracy, FD, training and sampling time)
     OUT/table<k>/<row>-seed<s>.png    a grid, one row per class
     OUT/table<k>.md                   the table: each row's metric, mean over the seeds

@@ -39,7 +39,8 @@ CPU_SDPA_FLOPS = {
         lambda g, q, k, v, *a, **kw: flop_counter.sdpa_backward_flop_count(g, q, k, v),
 }
 # the ops that do the counted FLOPs, by their profiler names
-PRODUCT_OPS = {'aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm', *(f'aten::{op.__name__}' for op in CPU_SDPA_FLOPS)}
+PRODUCT_OPS = {'aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm',
+               *(f'aten::{op.__name__}' for op in CPU_SDPA_FLOPS)}
 
 
 def products_seconds(fn):
@@ -111,7 +112,8 @@ def bench_preset(preset, device, args, rate):
     def train_step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
-            model(latents, labels[:train_b], noise, t)[0].backward()
+            loss, _ = model(latents, labels[:train_b], noise, t)   # Eq. 9
+        loss.backward()
         opt.step()
     rows.append(measure('train (fwd+bwd+AdamW)', train_step, train_b, device, args, rate, compile_modules=[model]))
 
@@ -145,7 +147,8 @@ def bench_preset(preset, device, args, rate):
               (('AR stage, KV cache', with_cache), ('AR stage, no cache', without_cache))]
     for r in rows + kv:
         r.update(preset=preset, params_m=params)
-    kv[0].update(max_abs_diff=diff, token_passes=sum(sl.stop for sl in model.slices), tokens=model.slices[-1].stop)
+    kv[0].update(max_abs_diff=diff, token_passes=sum(sl.stop for sl in model.slices),
+                 tokens=model.slices[-1].stop)
     return rows, kv
 
 

@@ -2119,3 +2119,18 @@ def test_bench_products_seconds_counts_matrix_products_and_nothing_else():
     lin = torch.nn.Linear(512, 512)                           # addmm, counted too
     assert bench.products_seconds(lambda: lin(a))[0] > 0
     assert bench.products_seconds(lambda: [a * a + 1 for _ in range(4)])[0] == 0
+
+
+def test_logit_normal_t_is_sigmoid_of_a_standard_normal():
+    # The toy's t distribution (train.sample_randomness, t_sampling='logit-normal', SD3):
+    # logit(t) must be N(0, 1), so 72.7% of the draws fall in [0.25, 0.75] (uniform: 50%).
+    import train
+    draw = lambda i, mode: train.sample_randomness(0, 0, i, (4, 8, 8), 2, [(1, 1), (8, 8)], mode)[2]
+    t = torch.stack([draw(i, 'logit-normal') for i in range(4000)]).flatten()
+    z = torch.log(t / (1 - t))                                     # logit
+    assert abs(z.mean().item()) < 0.05 and abs(z.std().item() - 1) < 0.05
+    middle = ((t > 0.25) & (t < 0.75)).float().mean().item()
+    assert abs(middle - 0.727) < 0.02, middle
+    u = torch.stack([draw(i, 'uniform') for i in range(4000)]).flatten()
+    assert abs(((u > 0.25) & (u < 0.75)).float().mean().item() - 0.5) < 0.03
+    assert torch.equal(draw(7, 'logit-normal'), draw(7, 'logit-normal'))  # one generator per sample
