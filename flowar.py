@@ -4,18 +4,16 @@ FlowAR: scale-wise autoregressive image generation meets flow matching.
 
 Read this file next to Section 3.2 of the paper. The pieces, top to bottom:
 
-    Eq. 5   build_scale_pyramid      latent F -> token maps s^1..s^n (area downsampling),
-                                     called by FlowAR.scale_maps
-    Eq. 6   upsample_to_next         Up(s^i) used as the input for scale i+1
-            block_causal_mask        scale i sees scales <= i
-            RoPE2D, Attention, ARBlock, FlowAR.transformer   the causal scale Transformer T
+    Eq. 5   build_scale_pyramid      latent F -> token maps s^1..s^n (FlowAR.scale_maps)
+    Eq. 6   upsample_to_next         Up(s^i), the input for scale i+1
+            block_causal_mask, RoPE2D, Attention, ARBlock, FlowAR.transformer: the causal
+                                     scale Transformer T (scale i sees scales <= i)
     Eq. 7/8 FlowAR.interpolate       interpolation F_t and velocity target V_t
     Eq. 9   FlowAR.forward           per-scale flow-matching loss
     Eq. 10  SpatialAdaLNBlock        Spatial-adaLN: six modulation tensors per *position*
-            CrossAttnBlock           the Attn-CrossAttn-MLP head block of the released L/H models
-            FlowHead                 the flow-matching model FM(F_t, s-hat, t)
-            euler_time_grid, FlowAR.sample   inference: AR step + Euler integration per scale
-                                     (FlowAR.integrate)
+            CrossAttnBlock, FlowHead the released L/H head block; the model FM(F_t, s-hat, t)
+            euler_time_grid, FlowAR.sample, FlowAR.integrate: inference, per scale one AR
+                                     step + Euler integration
 
 The released code (Dec 2024) differs from the paper in a few places. Each is marked with
 "RELEASED vs PAPER" where it happens; this file follows the released code wherever the
@@ -38,10 +36,9 @@ from torch.utils.checkpoint import checkpoint
 
 
 # ==== Presets ===========================================================================
-# S, L and H reproduce the released factories exactly (same parameter counts); B is the
-# paper's ~300M size (no released weights); toy (1.9M parameters) is for a CPU run on
-# CIFAR-10 latents of a small VAE (4 x 8 x 8), sized for ~8 minutes of training on 2 CPU
-# cores: at that budget a small model that sees more images beats a bigger one.
+# S, L and H are the released factories (same parameter counts); B is the paper's ~300M size
+# (no released weights); toy (1.9M parameters) is for CIFAR-10 latents (4 x 8 x 8) on 2 CPU
+# cores, ~7 minutes: at that budget a small model that sees more images beats a bigger one.
 
 _COMMON = dict(mlp_ratio=4.0, rope_theta=10000.0, grad_checkpointing=False,
                scale_weighting='tokens', init='released')
@@ -67,12 +64,10 @@ PRESETS = {
               head_depth=12, head_dim=1536, head_block='cross', grad_checkpointing=True),
 }
 
-# Sampling settings of the released evaluation scripts (cfg_ramp=True: the CFG weight rises
-# from 1 at the first scale to `cfg` at the last), and ones tuned for the toy with the
-# project's metric (metrics.py; README, "What makes the toy work", 1,000 samples): a constant
-# weight instead of the ramp to 3 raised the classifier accuracy from 0.363 to 0.594, and
-# num_steps=8 (8 Euler steps) samples 2.7x faster than 25 with no loss (0.594 vs 0.555);
-# on the current toy, weight 6 scores 0.797 / FD 6.11 against 0.762 / 6.18 for 5.
+# Sampling settings of the released evaluation scripts (cfg_ramp: the CFG weight rises from 1
+# at the first scale to `cfg` at the last), and the toy's, tuned with metrics.py (README, "What
+# makes the toy work"): a constant weight (0.594 vs 0.363 for the ramp to 3), 8 Euler steps
+# (2.7x faster than 25, no loss) and weight 6 (0.797 / FD 6.11 vs 0.762 / 6.18 for 5).
 SAMPLING_DEFAULTS = {
     'toy': dict(num_steps=8, cfg=6.0, guidance=0.9, cfg_ramp=False),
     'S': dict(num_steps=25, cfg=4.3, guidance=0.9, cfg_ramp=True),
@@ -95,14 +90,10 @@ def normalize_scales(scales):
 # ==== Eq. 5: the scale pyramid, and the Up(.) of Eq. 6 ==================================
 
 def build_scale_pyramid(latent, scales):
-    """Eq. 5: S = {s^1, ..., s^n} = {Down(F, 2^(n-1)), ..., Down(F, 1)}.
-
-    Every scale is an area downsampling of the *full* latent F (ground truth at every
-    scale, not a residual as in VAR). Any increasing list of sizes works, including
-    FlexVAR-style lists such as (1, 2, 3, 4, 6, 8) ('area' = adaptive average pooling).
-
-    latent: (B, C, H, W); scales: list of (h, w) with the last one == (H, W).
-    returns: list of n tensors (B, C, h_i, w_i).
+    """Eq. 5: S = {s^1, ..., s^n} = {Down(F, 2^(n-1)), ..., Down(F, 1)}: every scale is an
+    area downsampling of the *full* latent F (not a residual as in VAR). Any increasing list
+    of sizes works, e.g. FlexVAR's (1, 2, 3, 4, 6, 8) ('area' = adaptive average pooling).
+    latent: (B, C, H, W); scales: (h, w) pairs ending at (H, W) -> n x (B, C, h_i, w_i).
     """
     scales = normalize_scales(scales)
     if tuple(latent.shape[-2:]) != scales[-1]:
@@ -113,13 +104,9 @@ def build_scale_pyramid(latent, scales):
 
 
 def upsample_to_next(s, full_hw, next_hw):
-    """Up(s^i, 2) of Eq. 6, as released: bicubic upsampling of s^i to the full latent
-    size, then area downsampling to the size of scale i+1.
-
-    RELEASED vs PAPER: the paper writes a direct 2x upsampling; the released code goes
-    through the full size (the authors say both work the same). We follow the released
-    code, which the checkpoints were trained with.
-
+    """Up(s^i, 2) of Eq. 6: bicubic to the full latent size, then area down to scale i+1.
+    RELEASED vs PAPER: the paper upsamples 2x directly; the released code goes through the
+    full size (the authors say both work the same). We follow the checkpoints' code.
     s: (B, C, h_i, w_i) -> (B, C, h_{i+1}, w_{i+1})
     """
     x = F.interpolate(s, size=full_hw, mode='bicubic', align_corners=False)
@@ -143,17 +130,13 @@ def block_causal_mask(scales):
 
 
 def token_positions(scales):
-    """(L, 2) float coordinates (row, col) of every token, with every scale mapped onto
-    the grid of the finest scale: a scale of height h has rows arange(h) / h * H.
-    These are the positions used by the 2D RoPE (released: `arange(s) / s * 16`)."""
+    """(L, 2) float (row, col) of every token, each scale mapped onto the finest grid: a scale
+    of height h has rows arange(h) / h * H. The 2D RoPE's positions (released: arange(s) / s * 16)."""
     scales = normalize_scales(scales)
     H, W = scales[-1]
-    pos = []
-    for h, w in scales:                                     # raster (row-major) order
-        rr, cc = torch.meshgrid(torch.arange(h, dtype=torch.float64) / h * H,
-                                torch.arange(w, dtype=torch.float64) / w * W, indexing='ij')
-        pos.append(torch.stack([rr.reshape(-1), cc.reshape(-1)], dim=1))
-    return torch.cat(pos).float()
+    grids = [torch.meshgrid(torch.arange(h, dtype=torch.float64) / h * H,     # raster order
+                            torch.arange(w, dtype=torch.float64) / w * W, indexing='ij') for h, w in scales]
+    return torch.cat([torch.stack([r.reshape(-1), c.reshape(-1)], dim=1) for r, c in grids]).float()
 
 
 def tokens_from_map(x):
@@ -182,12 +165,9 @@ class RMSNorm(nn.Module):
 
 
 class RoPE2D(nn.Module):
-    """2D rotary position embedding (axial, as in EVA/FlowAR).
-
-    The head dimension d is split in two halves: the first half is rotated by the row
-    coordinate, the second by the column coordinate. Inside each half, channels are
-    rotated in interleaved pairs (0, 1), (2, 3), ... (the released layout) with frequencies
-    theta^(-2j / (d/2)), j = 0 .. d/4 - 1 (the `freqs` buffer, 16 values for d = 64).
+    """2D rotary position embedding (axial, as in EVA/FlowAR): the first half of the head
+    dim d is rotated by the row, the second by the column, in interleaved pairs (0, 1), (2, 3),
+    ... (released layout) with frequencies theta^(-2j / (d/2)), j < d/4 (`freqs`, 16 for d = 64).
     """
 
     def __init__(self, head_dim, theta=10000.0):
@@ -195,16 +175,12 @@ class RoPE2D(nn.Module):
         assert head_dim % 4 == 0, "2D RoPE needs a head dim divisible by 4"
         half = head_dim // 2
         freqs = 1.0 / theta ** (torch.arange(0, half, 2).float() / half)  # (d/4,)
-        # Not persistent: it is a constant. The released checkpoints hold it; the loader
-        # checks their copy against this one.
+        # a constant, not saved; the released checkpoints hold it, sample.py checks their copy
         self.register_buffer('freqs', freqs, persistent=False)
 
     def forward(self, x, pos):
-        """x: (B, heads, N, d); pos: (N, 2) (row, col) -> rotated x, same shape.
-
-        A pair (x_2j, x_2j+1) rotated by angle a is the complex number x_2j + i x_2j+1
-        times e^{ia}: one complex product per pair instead of the real form
-        x * cos + rotate_half(x) * sin (same numbers, one pass over x instead of five)."""
+        """x: (B, heads, N, d); pos: (N, 2) -> rotated x. A pair (x_2j, x_2j+1) rotated by a is
+        (x_2j + i x_2j+1) * e^{ia}: one complex product (= x * cos + rotate_half(x) * sin)."""
         ang = torch.cat([pos[:, 0:1] * self.freqs, pos[:, 1:2] * self.freqs], -1)  # (N, d/2) pair angles
         rot = torch.polar(torch.ones_like(ang), ang)                                  # (N, d/2) e^{i ang}
         pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))              # (B, heads, N, d/2)
@@ -212,12 +188,9 @@ class RoPE2D(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with 2D RoPE, an optional mask and an optional KV cache.
-
-    With a cache (a dict per layer, used at sampling time) the keys/values of the current
-    scale are appended to those of the earlier scales and the queries attend to all of
-    them without a mask: exactly what the block-causal mask allows in the full forward.
-    """
+    """Multi-head self-attention with 2D RoPE, an optional mask and an optional KV cache (a
+    dict per layer, sampling): the current scale's keys/values are appended to the earlier
+    scales' and the queries attend to all of them, which is what the block-causal mask allows."""
 
     def __init__(self, dim, heads, qkv_bias, attn_dropout=0.0, proj_dropout=0.0, rope_theta=1e4):
         super().__init__()
@@ -308,17 +281,15 @@ class ARBlock(nn.Module):
         # x: (B, N, D); cond: (B, D) class embedding
         alpha1, alpha2, gamma1, gamma2, beta1, beta2 = self.ada_lin(cond)[:, None].chunk(6, dim=-1)  # 6 x (B, 1, D)
         x = x + self.attn(modulate(self.norm1(x), beta1, gamma1), pos, mask, cache) * alpha1
-        x = x + self.mlp(modulate(self.norm2(x), beta2, gamma2)) * alpha2
-        return x
+        return x + self.mlp(modulate(self.norm2(x), beta2, gamma2)) * alpha2
 
 
 # ==== Eq. 7-10: the flow-matching head FM(F_t, s-hat, t) with Spatial-adaLN =============
 
 def timestep_embedding(t, dim=256, max_period=10000):
     """Sinusoidal embedding [cos, sin] of (integer) time steps t: (B,) -> (B, dim)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]
+    freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    args = t[:, None].float() * freqs[None]                                  # (B, dim / 2)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -343,13 +314,11 @@ class SpatialAdaLNBlock(nn.Module):
         F'  = F  + Attn(LN(F)  * (1 + gamma1) + beta1) * alpha1
         F'' = F' + MLP (LN(F') * (1 + gamma2) + beta2) * alpha2
 
-    Unlike ordinary adaLN, `c` (the projected semantics) has one vector per token, so
-    every modulation tensor is (B, N, W): the semantics steer each position separately.
-    RELEASED vs PAPER, three differences, we follow the released code: (1) the paper writes
-    gamma * LN(F); the released code LN(F) * (1 + gamma), the scale parameterised around 1;
-    (2) the paper's Eq. 10 has no residual connections, the released block adds them (the
-    "F +" above); (3) LN is an RMSNorm without a learned weight. The six tensors come out
-    of the MLP in the released order alpha1, alpha2, gamma1, gamma2, beta1, beta2.
+    Unlike adaLN, `c` (the projected semantics) has one vector per token, so every modulation
+    tensor is (B, N, W): the semantics steer each position separately. RELEASED vs PAPER (we
+    follow the released code): (1) the paper writes gamma * LN(F), the released LN(F) * (1 +
+    gamma); (2) the paper's Eq. 10 has no residuals, the released block adds them ("F +");
+    (3) LN is an RMSNorm without weight. The MLP's output order is the released one above.
     """
 
     def __init__(self, width, heads, mlp_ratio=4.0, rope_theta=1e4):
@@ -368,8 +337,7 @@ class SpatialAdaLNBlock(nn.Module):
         # x: (B, N, W) tokens of one scale; c: (B, N, W) projected semantics s-hat^i
         alpha1, alpha2, gamma1, gamma2, beta1, beta2 = self.modulation(t_emb, c)     # 6 x (B, N, W)
         x = x + self.attn(modulate(self.norm1(x), beta1, gamma1), pos) * alpha1      # Eq. 10, line 2
-        x = x + self.mlp(modulate(self.norm2(x), beta2, gamma2)) * alpha2            # Eq. 10, line 3
-        return x
+        return x + self.mlp(modulate(self.norm2(x), beta2, gamma2)) * alpha2         # Eq. 10, line 3
 
 
 class CrossAttnBlock(nn.Module):
@@ -398,8 +366,7 @@ class CrossAttnBlock(nn.Module):
         alpha2, gamma2, beta2 = self.ada_lin_mlp(F.silu(c + t_emb)).chunk(3, dim=-1)   # 3 x (B, N, W)
         x = x + self.attn(modulate(self.norm1(x), beta1, gamma1), pos) * alpha1
         x = x + self.crossattn(self.norm2_1(x), self.norm2_2(semantics), pos)
-        x = x + self.mlp(modulate(self.norm3(x), beta2, gamma2)) * alpha2
-        return x
+        return x + self.mlp(modulate(self.norm3(x), beta2, gamma2)) * alpha2
 
 
 class FinalLayer(nn.Module):
@@ -427,13 +394,11 @@ class FlowHead(nn.Module):
         self.time_embed = TimestepEmbedder(width)
         self.cond_embed = nn.Linear(cond_dim, width)    # per-position Linear(D -> W) of s-hat
         self.input_proj = nn.Linear(in_channels, width)
-        if block == 'spatial':
-            blocks = [SpatialAdaLNBlock(width, heads, mlp_ratio, rope_theta) for _ in range(depth)]
-        elif block == 'cross':
-            blocks = [CrossAttnBlock(width, cond_dim, heads, mlp_ratio, rope_theta) for _ in range(depth)]
-        else:
+        if block not in ('spatial', 'cross'):
             raise ValueError(f"head_block must be 'spatial' or 'cross', got {block!r}")
-        self.res_blocks = nn.ModuleList(blocks)
+        self.res_blocks = nn.ModuleList([SpatialAdaLNBlock(width, heads, mlp_ratio, rope_theta) if block == 'spatial'
+                                         else CrossAttnBlock(width, cond_dim, heads, mlp_ratio, rope_theta)
+                                         for _ in range(depth)])
         self.final_layer = FinalLayer(width, in_channels)
 
     def forward(self, x, t, semantics, pos):
@@ -450,12 +415,9 @@ class FlowHead(nn.Module):
 # ==== Sampling helpers: the time grid, the Euler integrator, the CFG schedule ===========
 
 def euler_time_grid(num_steps, dtype=torch.float64, device=None):
-    """The released time grid, from t = 1 (noise) down to t = 0 (data).
-
-    50 steps: uniform, linspace(1, 0, 51). Any other count: two pieces,
-    linspace(1, 0.3, n // 2) then linspace(0.25, 0, n // 2 + 1): coarse early steps, fine
-    late ones (for n = 25 that is 25 points, 24 Euler steps, as released).
-    """
+    """The released time grid from t = 1 (noise) to t = 0 (data). 50: linspace(1, 0, 51);
+    any other n: linspace(1, 0.3, n // 2) then linspace(0.25, 0, n // 2 + 1), coarse early
+    steps and fine late ones (n = 25: 25 points, i.e. 24 Euler steps, as released)."""
     if num_steps < 2:
         raise ValueError(f"num_steps must be >= 2, got {num_steps}")
     if num_steps == 50:
@@ -477,11 +439,8 @@ def cfg_schedule(num_scales, cfg, ramp=True):
 # ==== The model =========================================================================
 
 class FlowAR(nn.Module):
-    """Causal scale Transformer (Eq. 6) + flow-matching head (Eq. 7-10).
-
-    Attribute names equal the released model's state-dict keys (encoder_blocks,
-    flownet.res_blocks, ...), so the released checkpoints load with an identity mapping.
-    """
+    """Causal scale Transformer (Eq. 6) + flow-matching head (Eq. 7-10). Attribute names are
+    the released state-dict keys, so the released checkpoints load with an identity mapping."""
 
     def __init__(self, latent_channels=16, scales=(1, 2, 4, 8, 16), num_classes=1000,
                  ar_dim=768, enc_depth=6, dec_depth=6, ar_heads=12,
@@ -545,15 +504,11 @@ class FlowAR(nn.Module):
         return cls(**dict(cfg, **overrides))
 
     def initialize_weights(self, init='released'):
-        """Released initialisation: every Linear xavier-uniform with zero bias (the head's
-        final layer and the adaLN gates included: nothing is zero-initialised, unlike DiT),
-        position and class embeddings N(0, 0.02).
-
-        init='adaln-zero' (an option of this code, not released): DiT's adaLN-Zero (Peebles
-        & Xie 2023, Sec. 3.2) on top, i.e. every adaLN modulation Linear (AR blocks, head
-        blocks, final layer) and the head's output Linear start at zero, so every block
-        starts as the identity and the head predicts v = 0. It trains faster in short runs.
-        """
+        """Released: every Linear xavier-uniform with zero bias (gates and the head's output
+        included: nothing starts at zero, unlike DiT), position and class embeddings N(0, 0.02).
+        init='adaln-zero' (an option, not released): DiT's adaLN-Zero (Peebles & Xie 2023, Sec.
+        3.2) on top: every adaLN modulation Linear and the head's output Linear start at zero,
+        so every block starts as the identity and the head predicts v = 0."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -564,8 +519,7 @@ class FlowAR(nn.Module):
             nn.init.normal_(p, std=0.02)
         if init == 'adaln-zero':
             zero = [self.flownet.final_layer.linear, self.flownet.final_layer.adaLN_modulation[-1]]
-            for blk in list(self.encoder_blocks) + list(self.decoder_blocks):
-                zero.append(blk.ada_lin[-1])
+            zero += [blk.ada_lin[-1] for blk in list(self.encoder_blocks) + list(self.decoder_blocks)]
             for blk in self.flownet.res_blocks:
                 zero += [blk.ada_lin] if hasattr(blk, 'ada_lin') else [blk.ada_lin_attn, blk.ada_lin_mlp]
             for m in zero:
@@ -575,26 +529,23 @@ class FlowAR(nn.Module):
     # ---- Eq. 6: T([C, Up(s^1), ..., Up(s^{n-1})]) ------------------------------------
 
     def scale_input(self, i, labels, prev=None):
-        """The AR input tokens of scale i, (B, N_i, D): the class token C repeated over the
-        N_1 positions of scale 1 (i = 0), else z_proj(Up(s^{i-1})), the previous token map
-        prev (B, C, h, w) upsampled to the size of scale i. labels: (B,), num_classes = null.
-        The one place that builds AR inputs: training (ar_input_tokens) and sampling."""
+        """The AR input of scale i, (B, N_i, D): the class token C over the N_1 positions of
+        scale 1 (i = 0), else z_proj(Up(s^{i-1})) of the previous map prev (B, C, h, w).
+        labels: (B,), num_classes = null. The one place that builds AR inputs (training, sampling)."""
         if i == 0:
             return self.class_emb(labels)[:, None].expand(-1, self.slices[0].stop, -1)
         up = upsample_to_next(prev, self.scales[-1], self.scales[i])   # (B, C, h_i, w_i)
         return self.z_proj(tokens_from_map(up))
 
     def ar_input_tokens(self, maps, labels):
-        """The whole AR input sequence [C, Up(s^1), ..., Up(s^m)] for the scales
-        [0, m + 1), (B, L', D); maps: token maps s^1..s^m (ground truth in training)."""
+        """[C, Up(s^1), ..., Up(s^m)], (B, L', D); maps: s^1..s^m (ground truth in training)."""
         return torch.cat([self.scale_input(i, labels, maps[i - 1] if i else None)
                           for i in range(len(maps) + 1)], dim=1)
 
     def transformer(self, x, labels, start=0, caches=None):
-        """The causal scale Transformer T. x: (B, N, D) embedded inputs of the token
-        positions [start, start + N). Without caches the whole prefix must be given
-        (start = 0) and the block-causal mask is applied; with caches (one dict per
-        block, sampling) x holds just the next scale and attends to the cached keys.
+        """The causal scale Transformer T. x: (B, N, D) inputs of the positions [start, start +
+        N). Without caches: the whole prefix (start = 0) under the block-causal mask; with
+        caches (a dict per block, sampling): just the next scale, attending to the cached keys.
         returns the semantics s-hat of those positions, (B, N, D)."""
         N = x.shape[1]
         if caches is not None and start != (caches[0]['k'].shape[2] if 'k' in caches[0] else 0):
@@ -616,31 +567,27 @@ class FlowAR(nn.Module):
         return self.decoder_norm(x) + self.diffusion_pos_embed_learned[:, idx]  # s-hat
 
     def semantics(self, maps, labels):
-        """Teacher-forced semantics of every scale: T([C, Up(s^1), ..., Up(s^{n-1})]).
-        maps: the n token maps; returns (B, L, D)."""
+        """Teacher-forced semantics T([C, Up(s^1), ..., Up(s^{n-1})]) of the n maps: (B, L, D)."""
         return self.transformer(self.ar_input_tokens(maps[:-1], labels), labels)
 
     # ---- Eq. 5 and Eq. 7-8 as methods: the steps that ablations.py's variants replace ----
 
     def scale_maps(self, latents):
-        """Eq. 5: the token maps s^1..s^n of the latent F (build_scale_pyramid). Table 3's
-        image-pyramid variant (ablations.py) takes the maps themselves instead."""
+        """Eq. 5: the maps s^1..s^n of F (Table 3's image-pyramid variant takes the maps)."""
         return build_scale_pyramid(latents, self.scales)
 
     def interpolate(self, x, eps, t):
-        """Eq. 7-8 for clean tokens x = s^i, noise eps = F_0^i and times t (broadcastable):
-        returns (x_t, the head's regression target). RELEASED vs PAPER: the paper writes
-        F_t = t * s + (1 - t) * F_0 and the velocity s - F_0 (Eq. 8); the released code uses
-        t' = 1 - t, i.e. x_t = (1 - t) * s + t * eps, target = d x_t / d t = eps - s, so
-        t = 1 is pure noise. We follow the released code (checkpoints need it)."""
+        """Eq. 7-8 for tokens x = s^i, noise eps = F_0^i, times t -> (x_t, regression target).
+        RELEASED vs PAPER: the paper writes F_t = t * s + (1 - t) * F_0, velocity s - F_0; the
+        released code uses t' = 1 - t: x_t = (1 - t) * s + t * eps, target d x_t / dt = eps - s,
+        t = 1 is pure noise. We follow the released code (the checkpoints need it)."""
         return (1 - t) * x + t * eps, eps - x                          # Eq. 7, Eq. 8 (released sign)
 
     @staticmethod
     def integrate(velocity, x, ts):
-        """Inference of Eq. 7-8: move noise x (t = ts[0] = 1) to a token map (t = ts[-1] = 0)
-        with Euler steps x <- x + (t_{j+1} - t_j) * v(x, t_j) on the decreasing grid ts.
-        velocity(x, t): the head's (CFG-combined) velocity at x (float64) and a python float
-        t. x is kept in float64 (as released); returns float64, x's shape."""
+        """Inference of Eq. 7-8: noise x (t = ts[0] = 1) to a token map (t = ts[-1] = 0) by
+        Euler steps x <- x + (t_{j+1} - t_j) * velocity(x, t_j) on the decreasing grid ts;
+        velocity(x, float t) is the head's (CFG-combined) one. x stays float64 (as released)."""
         x = x.double()
         for j in range(len(ts) - 1):
             t, t_next = float(ts[j]), float(ts[j + 1])
@@ -651,15 +598,12 @@ class FlowAR(nn.Module):
 
     def forward(self, latents, labels, noise, t):
         """Flow-matching loss of Eq. 9 over all scales, with the released weights.
-
-        latents: (B, C, H, W) VAE latents (times the VAE scale factor), or whatever
-        scale_maps takes; labels: (B,) in [0, num_classes] (num_classes = the null class,
-        already dropped for CFG); noise: F_0^i per scale, n x (B, C, h_i, w_i); t: (B, n)
-        times in [0, 1]. Deterministic given its inputs: train.sample_randomness draws them
-        all (RELEASED: the authors' forward draws t, noise and the label drop itself; drawn
-        outside, a run is the same for any split over GPUs and accumulation steps).
-        returns (loss, per-scale losses (n,), unweighted and detached).
-        """
+        latents: (B, C, H, W) scaled VAE latents (or what scale_maps takes); labels: (B,) in
+        [0, num_classes] (null class = num_classes, already dropped for CFG); noise: F_0^i,
+        n x (B, C, h_i, w_i); t: (B, n) in [0, 1]. Deterministic: train.sample_randomness draws
+        the inputs (RELEASED: the authors' forward draws t, noise and the label drop itself;
+        drawn outside, a run is the same for any split over GPUs and accumulation steps).
+        returns (loss, per-scale losses (n,), unweighted and detached)."""
         B, n = labels.shape[0], len(self.scales)
         if len(noise) != n or tuple(t.shape) != (B, n):
             raise ValueError(f"need noise for each of the {n} scales and t of shape ({B}, {n}), "
@@ -675,9 +619,8 @@ class FlowAR(nn.Module):
             x_t, target = self.interpolate(x, eps, ti)                 # Eq. 7-8
             v = self.flownet(x_t, t[:, i], s_hat[:, sl], self.positions[sl])  # FM(F_t, s-hat^i, t)
             loss_i = ((v.float() - target.float()) ** 2).mean(dim=(1, 2)).mean()  # per sample, then batch
-            # Eq. 9 sums the scales; RELEASED: each scale weighted by its token share
-            # h_i * w_i / (H * W) (s^2 / 16^2), so the 1x1 scale does not dominate.
-            # scale_weighting='uniform' is the plain sum of Eq. 9 (an option of this code).
+            # Eq. 9 sums the scales; RELEASED: weighted by the token share h_i * w_i / (H * W),
+            # so the 1x1 scale does not dominate ('uniform': Eq. 9's plain sum, an option).
             weight = (s.shape[-2] * s.shape[-1]) / (H * W) if self.scale_weighting == 'tokens' else 1.0
             total = total + loss_i * weight
             per_scale.append(loss_i.detach())
@@ -688,10 +631,9 @@ class FlowAR(nn.Module):
     @torch.no_grad()
     def sample(self, labels=None, num_steps=25, cfg=1.0, guidance=1.0, generator=None,
                batch_size=None, return_details=False, cfg_ramp=True):
-        """Generate latents scale by scale (Sec. 3.2, "Inference Pipeline"): for every scale
-        i one AR step (with the KV cache) gives s-hat^i, the head moves Gaussian noise (t = 1)
-        to the token map s^i (t = 0) along the released time grid, Up(s^i) is the next input.
-
+        """Generate latents scale by scale (Sec. 3.2, "Inference Pipeline"): per scale i one AR
+        step (KV cache) gives s-hat^i, the head moves noise (t = 1) to the map s^i (t = 0) on
+        the released time grid, Up(s^i) is the next input.
         labels: (B,) class ids, or None (the null class; needs batch_size, and cfg = 1).
         cfg: the CFG weight at the last scale, rising from 1 at the first (cfg_ramp=True,
         released), or at every scale (cfg_ramp=False); CFG applies only while t <= guidance.
@@ -728,19 +670,17 @@ class FlowAR(nn.Module):
         gen_device = generator.device if generator is not None else device
 
         for i, (hw, sl) in enumerate(zip(self.scales, self.slices)):
-            # AR step: input of scale i is C (i = 0) or Up(s^{i-1}) of the generated map,
-            # the conditional map for both CFG halves.
+            # AR step: C (i = 0) or Up(s^{i-1}) of the generated (conditional) map, both CFG halves
             prev = None if i == 0 else (torch.cat([maps[-1], maps[-1]]) if use_cfg else maps[-1]).to(dtype)
             x_in = self.scale_input(i, labels_in, prev)                                  # (B', N_i, D)
             s_hat = self.transformer(x_in, labels_in, start=sl.start, caches=caches)  # (B', N_i, D)
             sems.append(s_hat[:B])
             pos, N = self.positions[sl], sl.stop - sl.start
 
-            # Flow matching: Euler from noise (t = 1) to data (t = 0), carrying only the
-            # conditional state x (B, N, C). A guided step evaluates the head on [x; x] with
-            # the conditional and unconditional semantics and combines the two velocities
-            # (RELEASED: both halves at the conditional state); an unguided step evaluates
-            # the conditional half only (released: both, the unconditional one unused).
+            # Flow matching: Euler from noise (t = 1) to data (t = 0) with only the conditional
+            # state x (B, N, C). A guided step runs the head on [x; x] with the conditional and
+            # unconditional semantics and combines the velocities (RELEASED: both halves at the
+            # conditional state); an unguided step runs the conditional half (released: both).
             noise = torch.randn(B, N, self.latent_channels, generator=generator,
                                 device=gen_device, dtype=torch.float64).to(device)
             w_i = weights[i]
