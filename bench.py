@@ -6,14 +6,12 @@ Speed of flowar.py on this machine, as a share of the machine's own matmul rate.
     python bench.py --device cuda --bf16     # on a GPU, bf16 autocast
     python bench.py --device cuda --bf16 --compile --presets S   # and torch.compile
 
-Per preset, on random data of the right shapes: `train` (loss of Eq. 9 + backward + AdamW),
-`sample` (model.sample at flowar.SAMPLING_DEFAULTS), and the AR stage of sampling alone with
-and without the KV cache. Each row: median seconds per call after --warmup untimed calls
-(min-max), images/s, FLOPs per image (torch's FlopCounterMode, one eager call: products and
-attention), GFLOP/s and their *share of the matmul rate* (2048^3 products, measured first):
-optimise the share, absolute times on a shared machine drift. On a CPU, one profiled call
-(torch.profiler) gives the share its products reach by themselves (the ceiling at these
-shapes) and the part of its time they take. Peak memory: torch.cuda's, or the process RSS.
+Per preset, on random data: `train` (Eq. 9 + backward + AdamW), `sample` (model.sample at
+flowar.SAMPLING_DEFAULTS), the AR stage of sampling with and without the KV cache. Per row:
+median seconds per call after --warmup calls (min-max), images/s, FLOPs per image (products
+and attention), GFLOP/s and its *share of the matmul rate* (2048^3, measured first: optimise
+the share, times drift). On a CPU a profiled call gives the share its products reach alone
+(the ceiling at these shapes) and their part of the time. Peak memory: CUDA's, or the RSS.
 """
 
 import argparse
@@ -38,14 +36,12 @@ CPU_SDPA_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward:
         lambda g, q, k, v, *a, **kw: flop_counter.sdpa_backward_flop_count(g, q, k, v),
 }
-# the ops that do the counted FLOPs, by their profiler names
-PRODUCT_OPS = {'aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm',
+PRODUCT_OPS = {'aten::mm', 'aten::addmm', 'aten::bmm', 'aten::baddbmm',  # the ops of the counted FLOPs
                *(f'aten::{op.__name__}' for op in CPU_SDPA_FLOPS)}
 
 
 def products_seconds(fn):
-    """One call of fn under torch.profiler (CPU): (seconds inside the ops whose FLOPs are
-    counted, i.e. matrix products and CPU attention, by their self time; seconds in all)."""
+    """One call of fn under torch.profiler (CPU): (self seconds of PRODUCT_OPS, seconds in all)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         fn()
@@ -55,13 +51,12 @@ def products_seconds(fn):
 
 def time_calls(fn, device, warmup, repeats):
     """fn() `warmup` times untimed, then `repeats` times -> list of seconds."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == 'cuda' else (lambda: None)
     times = []
-    for _ in range(warmup + repeats):
-        sync()
+    for _ in range(warmup + repeats):    # each call ends synchronised, so the next starts clean
         t0 = time.perf_counter()
         fn()
-        sync()
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return times[warmup:]
 
@@ -73,8 +68,7 @@ def matmul_rate(device, dtype, n=2048, repeats=10):
 
 
 def measure(name, fn, images, device, args, rate, repeats=None, compile_modules=()):
-    """Count fn's FLOPs (eager), compile `compile_modules` if --compile, time fn, and
-    return one row of the table."""
+    """Count fn's FLOPs (eager), compile `compile_modules` if --compile, time fn: one row."""
     with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as fc:
         fn()
     flops = fc.get_total_flops()
@@ -99,8 +93,7 @@ def bench_preset(preset, device, args, rate):
     model = flowar.FlowAR.from_preset(preset).to(device)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     train_b, sample_b = BATCH[device.type][preset]
-    if args.quick:
-        train_b, sample_b = max(1, train_b // 4), max(1, sample_b // 4)
+    train_b, sample_b = (max(1, train_b // 4), max(1, sample_b // 4)) if args.quick else (train_b, sample_b)
     latents = torch.randn((train_b,) + LATENT_SHAPES[preset], device=device)
     noise = [torch.randn(train_b, model.latent_channels, h, w, device=device) for h, w in model.scales]
     t, rows = torch.rand(train_b, len(model.scales), device=device), []
@@ -125,8 +118,7 @@ def bench_preset(preset, device, args, rate):
         with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
             model.sample(labels[:sample_b], generator=gen, **sd)
     name = f"sample ({sd['num_steps']} steps, cfg {sd['cfg']}{' ramp' if sd['cfg_ramp'] else ''})"
-    # sampling calls the blocks and the head, not model.forward: compile those
-    blocks = [*model.encoder_blocks, *model.decoder_blocks, model.flownet]
+    blocks = [*model.encoder_blocks, *model.decoder_blocks, model.flownet]   # what sampling calls (compiled)
     rows.append(measure(name, sample, sample_b, device, args, rate, args.sample_repeats, blocks))
 
     # kv: the AR stage with and without the cache, on the CFG batch of sampling
@@ -147,8 +139,7 @@ def bench_preset(preset, device, args, rate):
               (('AR stage, KV cache', with_cache), ('AR stage, no cache', without_cache))]
     for r in rows + kv:
         r.update(preset=preset, params_m=params)
-    kv[0].update(max_abs_diff=diff, token_passes=sum(sl.stop for sl in model.slices),
-                 tokens=model.slices[-1].stop)
+    kv[0].update(max_abs_diff=diff, tokens=model.seq_len, token_passes=sum(s.stop for s in model.slices))
     return rows, kv
 
 
@@ -183,7 +174,6 @@ def main(argv=None):
     p.add_argument('--quick', action='store_true', help="1 warm-up, 2 repeats, 1/4 of the batches")
     p.add_argument('--bf16', action='store_true', help="bf16 autocast (and a bf16 matmul rate)")
     p.add_argument('--compile', action='store_true', help="torch.compile the model (train) and its blocks (sample)")
-    p.add_argument('--threads', type=int, default=0, help="torch.set_num_threads (0: torch's default)")
     p.add_argument('--json', help="also write every number to this file")
     args = p.parse_args(argv)
     presets = args.presets.split(',')
@@ -195,11 +185,10 @@ def main(argv=None):
         p.error("--device cuda: torch sees no GPU")
     if args.quick:
         args.warmup, args.repeats, args.sample_repeats = 1, 2, 1
-    torch.set_num_threads(args.threads or torch.get_num_threads())
     device = torch.device(args.device)
     rate = matmul_rate(device, torch.bfloat16 if args.bf16 else torch.float32)
     results = [bench_preset(preset, device, args, rate) for preset in presets]
-    rows, kv = sum((r for r, _ in results), []), sum((k for _, k in results), [])
+    rows, kv = [r for rs, _ in results for r in rs], [k for _, ks in results for k in ks]
     print_table(rows, kv, rate, device, args)
     if args.json:
         with open(args.json, 'w') as f:
