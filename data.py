@@ -2,8 +2,9 @@
 Data for FlowAR: image datasets and the latent cache.
 
   - CIFAR-10 (the "python version" pickles), with an optional md5-checked download;
-  - ImageNet-style class folders read with Pillow: the ADM center crop used for caching and
-    evaluation, and the released training augmentation (resize, random crop, flip);
+  - ImageNet-style class folders read with Pillow, ADM center crop (RELEASED: training
+    augments every step, Resize 288 -> RandomCrop 256 -> flip; here, as in MAR, the center
+    crop and its flipped copy are encoded once into the latent cache);
   - make_shapes: a procedural 10-class dataset of coloured shapes (no download needed);
   - the latent cache: every image is encoded once (plain and horizontally flipped) into one
     memory-mapped array of posterior moments; LatentDataset reads it, and training draws a
@@ -215,26 +216,6 @@ def center_crop_arr(pil_image, image_size):
     return Image.fromarray(arr[top:top + image_size, left:left + image_size])
 
 
-def random_resized_crop_flip(pil_image, image_size):
-    """The released training augmentation: Resize(round(1.125 * size)) of the short side
-    (bicubic; 288 for 256), a random image_size crop, a random horizontal flip.
-    Random numbers come from torch's global RNG (so DataLoader worker seeding applies)."""
-    resize = round(image_size * 1.125)
-    w, h = pil_image.size
-    # like torchvision's Resize(int): short side -> resize, long side scaled and truncated
-    if w <= h:
-        new_w, new_h = resize, int(resize * h / w)
-    else:
-        new_w, new_h = int(resize * w / h), resize
-    pil_image = pil_image.resize((new_w, new_h), resample=Image.BICUBIC)
-    top = int(torch.randint(0, new_h - image_size + 1, ()).item())
-    left = int(torch.randint(0, new_w - image_size + 1, ()).item())
-    pil_image = pil_image.crop((left, top, left + image_size, top + image_size))
-    if torch.rand(()).item() < 0.5:
-        pil_image = pil_image.transpose(Image.FLIP_LEFT_RIGHT)
-    return pil_image
-
-
 def to_float(x_uint8):
     """uint8 images (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1]: the one conversion
     of pixels into the VAE's input range (the inverse is to_uint8)."""
@@ -248,16 +229,13 @@ def to_uint8(x):
 
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Class subfolders of images; classes sorted by name -> label indices 0..K-1.
+    Items: (ADM center crop, float (3, image_size, image_size) in [-1, 1], label int)."""
 
-    train_aug=False: ADM center crop (caching, evaluation); True: random resize-crop-flip.
-    Items: (image float (3, image_size, image_size) in [-1, 1], label int).
-    """
-
-    def __init__(self, root, image_size=256, train_aug=False):
+    def __init__(self, root, image_size=256):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"image folder {root!r} does not exist; pass the folder "
                                     f"that holds one subfolder per class (e.g. imagenet/train)")
-        self.root, self.image_size, self.train_aug = root, image_size, train_aug
+        self.root, self.image_size = root, image_size
         self.classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
         if not self.classes:
             raise ValueError(f"{root!r} has no class subfolders; expected root/<class>/<image> "
@@ -289,9 +267,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                                f"the file.") from e
 
     def __getitem__(self, i):
-        im = self.load_image(i)
-        crop = random_resized_crop_flip if self.train_aug else center_crop_arr
-        x = np.array(crop(im, self.image_size), dtype=np.uint8)  # (H, W, 3)
+        x = np.array(center_crop_arr(self.load_image(i), self.image_size), dtype=np.uint8)  # (H, W, 3)
         return to_float(torch.from_numpy(x)), int(self.samples[i][1])
 
 
@@ -397,9 +373,8 @@ def build_latent_cache(vae, images_or_dataset, labels, path, *, scale_factor, ba
     `path`; resumable. flips=False halves the encoding time (the CPU toy trains < 2 epochs,
     where the flip augmentation matters little).
 
-    images_or_dataset: uint8 numpy (N, H, W, 3), or an ImageFolderDataset with
-      train_aug=False (ADM center crop); labels: int array (N,), or None to take the
-      dataset's own .labels.
+    images_or_dataset: uint8 numpy (N, H, W, 3) or an ImageFolderDataset; labels: int array
+      (N,), or None to take the dataset's own .labels.
     DDP: every rank calls this with the same arguments, its rank / world_size and a
       `barrier` callable (e.g. torch.distributed.barrier); the steps below say who does what.
     max_batches: encode at most this many batches in this call (for tests / chunked runs).
@@ -449,9 +424,6 @@ def _check_inputs(images_or_dataset, labels):
             raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
         img_size = images.shape[1]
     else:
-        if getattr(images_or_dataset, 'train_aug', False):
-            raise ValueError("cache latents from an ImageFolderDataset with train_aug=False "
-                             "(center crop); the flip is added by the cache itself")
         img_size = images_or_dataset.image_size
         if labels is None:
             labels = getattr(images_or_dataset, 'labels', None)

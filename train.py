@@ -298,7 +298,7 @@ def load_images(cfg, rank=0, world_size=1):
     if cfg['dataset'] == 'shapes':
         images, labels = data.make_shapes(n or 50_000, seed=cfg['seed'], size=cfg['image_size'])
         return images, labels, data.SHAPES_CLASSES
-    ds = data.ImageFolderDataset(cfg['data_dir'], image_size=cfg['image_size'], train_aug=False)
+    ds = data.ImageFolderDataset(cfg['data_dir'], image_size=cfg['image_size'])
     if n:
         raise SystemExit("--subset is for CIFAR-10 / shapes; for ImageNet point --data-dir at a smaller folder")
     return ds, None, ds.classes
