@@ -19,26 +19,9 @@ Sample images from a trained FlowAR: a PNG grid to look at, or an .npz set for F
     # the same on a CPU
     python sample.py --ckpt out/cifar-toy/ckpt.pt --device cpu --num-images 1000 --npz toy.npz
 
-How noise is assigned (the reproducibility contract)
-----------------------------------------------------
-The images to make are numbered 0..N-1 and cut into *chunks* of --batch-size consecutive
-images (the last chunk may be shorter). Chunk c is sampled as one batch with its own
-generator, seeded with `seed * 1_000_003 + c` (a CPU generator, so the noise is the same on
-a CPU and a GPU). The chunks still to do are dealt out to ranks round-robin. The noise and label of
-image i depend on (seed, batch size, i) only, never on the number of ranks or on which rank
-made it: with the same --seed and --batch-size the arrays in the .npz are identical for 1
-or 8 ranks, and for a run that was interrupted and resumed. (Identical chunks are computed
-identically on the same kind of device with the same thread count; the model's output
-depends on the batch composition only through float rounding, which is why the batch is
-fixed per chunk. Another --batch-size regroups the noise and gives a different, equally
-valid, set.) Grids use the same scheme, so the same seed gives the same grid.
-
-Resuming: every chunk is written to `OUT.npz.parts/chunk_000012.npy` (atomically: a
-temporary file, then a rename) as soon as it is done. Running the same command again skips
-the chunks already on disk. When all chunks are there, rank 0 writes the .npz (streamed,
-so 50,000 ImageNet images never sit in memory at once) and removes the parts folder.
-
-Only torch, numpy and pillow are used.
+Images 0..N-1 are made in chunks of --batch-size, chunk c with its own CPU generator seeded
+(seed, c): the same --seed and --batch-size give the same grid or .npz on 1 or 8 ranks, on
+CPU or GPU, interrupted or not (sample_npz, at the end, has the details).
 """
 
 import argparse
@@ -86,10 +69,8 @@ def load_model_from_checkpoint(path, use_ema=True, device='cpu'):
         raise ValueError(f"{path!r} is not a training checkpoint (expected a dict, got {type(ckpt).__name__})")
     weights_key = 'ema' if use_ema else 'model'
     missing = [k for k in ('config', weights_key) if k not in ckpt]
-    if 'config' in ckpt:
-        if not isinstance(ckpt['config'], dict):
-            raise ValueError(f"{path!r}: 'config' should be a dict, got {type(ckpt['config']).__name__}")
-        missing += [f"config['{k}']" for k in ('model',) if k not in ckpt['config']]
+    if not isinstance(ckpt.get('config', {}), dict) or 'model' not in ckpt.get('config', {'model': 0}):
+        missing.append("config['model']")
     if missing:
         hint = (" (a checkpoint without EMA weights: pass --no-ema to sample the raw weights)"
                 if missing == ['ema'] else "")
@@ -423,12 +404,17 @@ def npz_labels(num_images, num_classes):
 def sample_npz(model, vae, scale_factor, out_path, *, num_images, seed, batch_size, num_steps,
                cfg, guidance, cfg_ramp=True, rank=0, world_size=1, keep_parts=False, run_info=None,
                log=print):
-    """Sample a class-balanced set of num_images into `out_path` (.npz, see the top of the
-    file for the format and the seeding contract). Every rank calls this with its rank and
-    the world size (torch.distributed initialised when world_size > 1). Returns out_path.
+    """Sample a class-balanced set of num_images into `out_path` (.npz: arr_0 uint8 (N, H, W,
+    3), arr_1 / labels int64). Every rank calls this with its rank and the world size.
 
-    run_info: extra things to record in the parts folder (e.g. the checkpoint path); a
-    resumed run with other settings is refused instead of mixing two sets.
+    The reproducibility contract: chunk c (images c * batch_size ...) is one batch with the
+    CPU generator chunk_generator(seed, c); the chunks to do are dealt to ranks round-robin.
+    So image i depends on (seed, batch size, i) only, not on the ranks or on interruptions
+    (up to float rounding across devices and thread counts; another batch size regroups the
+    noise: a different, equally valid set). Resuming: each chunk is written atomically to
+    OUT.npz.parts/ when done and a rerun skips those on disk; run_info (e.g. the checkpoint
+    path) goes into the parts folder's meta.json, and a rerun with other settings is refused
+    instead of mixing two sets. Rank 0 then streams the chunks into the .npz. Returns out_path.
     """
     labels = npz_labels(num_images, model.num_classes)                     # (N,)
     chunks = _chunks(num_images, batch_size)                               # (index, start, stop)
