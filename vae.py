@@ -37,42 +37,20 @@ import data  # data.py: the CIFAR / shapes loaders, atomic_save, vae_fingerprint
 # stored inside a checkpoint and read back with torch.load(weights_only=True).
 
 PRESETS = {
-    # MAR KL-16 (https://github.com/LTH14/mar, models/vae.py), used unchanged by FlowAR.
-    # 256x256x3 -> 16x16x16: four stride-2 downsamples (len(ch_mult) - 1 = 4).
-    'kl16': dict(
-        ch=128,
-        ch_mult=[1, 1, 2, 2, 4],
-        num_res_blocks=2,
-        attn_resolutions=[16],      # encoder: attention at the level whose input is 16x16
-        dec_attn_resolutions=[],    # MAR's decoder has attention only in its middle block
-        z_channels=16,
-        embed_dim=16,
-        resolution=256,             # only used to place attention (res 256 / 2^level)
-        in_channels=3,
-        out_ch=3,
-        double_z=True,              # the encoder predicts mean and logvar
-        norm_groups=32,
-    ),
-    # A small VAE for 32x32 images (CIFAR-10, procedural shapes): 32x32x3 -> 8x8x4 latent,
-    # the input of the toy FlowAR (scales 1, 8). Sized to train in minutes on 2 CPU
-    # cores (1.29M parameters, ~160 img/s training there with batch 64, L1 loss, lr 2e-3).
-    # Measured CIFAR-10 test PSNR: 24.3 dB after 850 steps / 340 s; 25.1 dB after 1000
-    # steps (of a 3000-step cosine run) / ~15 min on a shared, half-loaded CPU; 25.6 at 1500.
-    # L1 and MSE losses gave the same PSNR (21.05 vs 20.93 dB) in a 3-minute comparison.
-    'cifar': dict(
-        ch=32,                      # 32x32: 32 ch, 16x16: 64 ch, 8x8: 64 ch
-        ch_mult=[1, 2, 2],
-        num_res_blocks=2,
-        attn_resolutions=[],
-        dec_attn_resolutions=[],
-        z_channels=4,
-        embed_dim=4,
-        resolution=32,
-        in_channels=3,
-        out_ch=3,
-        double_z=True,
-        norm_groups=32,
-    ),
+    # MAR KL-16 (https://github.com/LTH14/mar, models/vae.py), used unchanged by FlowAR:
+    # 256x256x3 -> 16x16x16 by four stride-2 downsamples (len(ch_mult) - 1). The encoder has
+    # attention at the level whose input is 16x16 (`resolution` only serves to place it),
+    # MAR's decoder only in its middle block; double_z: the encoder predicts mean and logvar.
+    'kl16': dict(ch=128, ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16],
+                 dec_attn_resolutions=[], z_channels=16, embed_dim=16, resolution=256,
+                 in_channels=3, out_ch=3, double_z=True, norm_groups=32),
+    # A small VAE for 32x32 images (CIFAR-10, shapes): 32x32x3 -> 8x8x4, the toy FlowAR's
+    # input; 32 channels at 32x32, 64 at 16x16 and 8x8; 1.29M parameters. L1 and MSE losses
+    # gave the same PSNR (21.05 vs 20.93 dB in 3 minutes). The toy trains it 2,200 steps of
+    # batch 16 (~9 minutes on 2 cores, 25.0 dB on CIFAR-10 test; train.py's preset).
+    'cifar': dict(ch=32, ch_mult=[1, 2, 2], num_res_blocks=2, attn_resolutions=[],
+                  dec_attn_resolutions=[], z_channels=4, embed_dim=4, resolution=32,
+                  in_channels=3, out_ch=3, double_z=True, norm_groups=32),
 }
 
 # 1 / std of MAR KL-16 posterior samples on ImageNet (no mean shift). The cifar preset
