@@ -46,11 +46,10 @@ _IMAGENET = dict(_COMMON, latent_channels=16, scales=(1, 2, 4, 8, 16), num_class
                  attn_dropout=0.1, proj_dropout=0.1)
 
 PRESETS = {
-    # name: AR width D, AR depth (encoder + decoder stacks), AR heads, flow head depth,
-    # flow head width W, and the head block type ('spatial' = Attn-MLP with Spatial-adaLN
-    # as in the paper; 'cross' = Attn-CrossAttn-MLP of the released L and H models).
-    # toy scales {1, 8}: at the toy's budget (1,054 steps) they score 0.77 vs 0.63 for
-    # {1, 4, 8} and 0.59 for the full pyramid {1, 2, 4, 8} (README, "What makes the toy work").
+    # name: AR width D, AR depth (encoder + decoder stacks), AR heads, flow head depth and
+    # width W, head block ('spatial' = Attn-MLP with Spatial-adaLN as in the paper; 'cross' =
+    # Attn-CrossAttn-MLP of the released L and H). toy scales {1, 8}: at its budget they score
+    # 0.77 vs 0.63 for {1, 4, 8} and 0.59 for {1, 2, 4, 8} (README, "What makes the toy work").
     'toy': dict(_COMMON, latent_channels=4, scales=(1, 8), num_classes=10, attn_dropout=0.0,
                 proj_dropout=0.0, ar_dim=128, enc_depth=2, dec_depth=2, ar_heads=2,
                 head_depth=2, head_dim=128, head_block='spatial'),
@@ -134,9 +133,12 @@ def token_positions(scales):
     of height h has rows arange(h) / h * H. The 2D RoPE's positions (released: arange(s) / s * 16)."""
     scales = normalize_scales(scales)
     H, W = scales[-1]
-    grids = [torch.meshgrid(torch.arange(h, dtype=torch.float64) / h * H,     # raster order
-                            torch.arange(w, dtype=torch.float64) / w * W, indexing='ij') for h, w in scales]
-    return torch.cat([torch.stack([r.reshape(-1), c.reshape(-1)], dim=1) for r, c in grids]).float()
+    pos = []
+    for h, w in scales:                                     # raster (row-major) order
+        rows = torch.arange(h, dtype=torch.float64) / h * H
+        cols = torch.arange(w, dtype=torch.float64) / w * W
+        pos.append(torch.stack(torch.meshgrid(rows, cols, indexing='ij'), dim=-1).reshape(-1, 2))
+    return torch.cat(pos).float()
 
 
 def tokens_from_map(x):
@@ -459,11 +461,11 @@ class FlowAR(nn.Module):
             raise ValueError(f"ar_dim {ar_dim} / ar_heads {ar_heads} must give a head dim divisible by 4")
         # A plain dict of python values: goes into checkpoints (weights_only-safe).
         self.config = dict(latent_channels=latent_channels, scales=[list(s) for s in scales_hw],
-                           num_classes=num_classes, ar_dim=ar_dim, enc_depth=enc_depth,
-                           dec_depth=dec_depth, ar_heads=ar_heads, head_depth=head_depth,
-                           head_dim=head_dim, head_block=head_block, mlp_ratio=mlp_ratio,
-                           attn_dropout=attn_dropout, proj_dropout=proj_dropout, rope_theta=rope_theta,
-                           grad_checkpointing=grad_checkpointing, scale_weighting=scale_weighting, init=init)
+                           num_classes=num_classes, ar_dim=ar_dim, enc_depth=enc_depth, dec_depth=dec_depth,
+                           ar_heads=ar_heads, head_depth=head_depth, head_dim=head_dim, head_block=head_block,
+                           mlp_ratio=mlp_ratio, attn_dropout=attn_dropout, proj_dropout=proj_dropout,
+                           rope_theta=rope_theta, grad_checkpointing=grad_checkpointing,
+                           scale_weighting=scale_weighting, init=init)
         self.scales, self.slices = scales_hw, scale_slices(scales_hw)
         self.latent_channels, self.num_classes = latent_channels, num_classes
         self.grad_checkpointing, self.scale_weighting = grad_checkpointing, scale_weighting
@@ -547,10 +549,9 @@ class FlowAR(nn.Module):
         N). Without caches: the whole prefix (start = 0) under the block-causal mask; with
         caches (a dict per block, sampling): just the next scale, attending to the cached keys.
         returns the semantics s-hat of those positions, (B, N, D)."""
-        N = x.shape[1]
         if caches is not None and start != (caches[0]['k'].shape[2] if 'k' in caches[0] else 0):
             raise ValueError(f"start={start} but the KV cache holds {caches[0]['k'].shape[2]} tokens")
-        idx = slice(start, start + N)
+        idx = slice(start, start + x.shape[1])
         pos = self.positions[idx]
         mask = None if caches is not None else self.attn_mask[idx, idx]
         cond = self.class_emb(labels)  # (B, D): adaLN condition of every AR block
@@ -637,10 +638,8 @@ class FlowAR(nn.Module):
         labels: (B,) class ids, or None (the null class; needs batch_size, and cfg = 1).
         cfg: the CFG weight at the last scale, rising from 1 at the first (cfg_ramp=True,
         released), or at every scale (cfg_ramp=False); CFG applies only while t <= guidance.
-        generator: a torch.Generator for reproducible noise. Runs in eval mode (no dropout).
-        returns latents (B, C, H, W) in the scaled latent space of training; with
-        return_details also {'maps': [s^i], 'semantics': [conditional s-hat^i, (B, N_i, D)]}.
-        """
+        generator: a torch.Generator (reproducible noise). returns latents (B, C, H, W), scaled
+        as in training; with return_details also {'maps': [s^i], 'semantics': [cond. s-hat^i (B, N_i, D)]}."""
         was_training = self.training
         self.eval()  # no dropout while sampling; the mode comes back even after an error
         try:
