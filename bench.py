@@ -1,7 +1,7 @@
 """
 Speed of flowar.py on this machine, as a share of the machine's own matmul rate.
 
-    python bench.py                          # presets toy and S (about 5 min on 2 CPU cores)
+    python bench.py                          # presets toy and S (about 6 min on 2 CPU cores)
     python bench.py --presets toy --quick    # about 20 s
     python bench.py --device cuda --bf16     # on a GPU, bf16 autocast
     python bench.py --device cuda --bf16 --compile --presets S   # and torch.compile
@@ -10,8 +10,9 @@ Per preset, on random data: `train` (Eq. 9 + backward + AdamW), `sample` (model.
 flowar.SAMPLING_DEFAULTS), the AR stage of sampling with and without the KV cache. Per row:
 median seconds per call after --warmup calls (min-max), images/s, FLOPs per image (products
 and attention), GFLOP/s and its *share of the matmul rate* (2048^3, measured first: optimise
-the share, times drift). On a CPU a profiled call gives the share its products reach alone
-(the ceiling at these shapes) and their part of the time. Peak memory: CUDA's, or the RSS.
+the share, times drift; --compile: FLOPs counted eager). On a CPU a profiled call gives the
+share its products reach alone (the ceiling at these shapes) and their part of the time.
+Peak memory: CUDA's, or the process RSS so far (it includes the rows above).
 """
 
 import argparse
@@ -91,9 +92,8 @@ def measure(name, fn, images, device, args, rate, repeats=None, compile_modules=
 def bench_preset(preset, device, args, rate):
     torch.manual_seed(0)
     model = flowar.FlowAR.from_preset(preset).to(device)
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    train_b, sample_b = BATCH[device.type][preset]
-    train_b, sample_b = (max(1, train_b // 4), max(1, sample_b // 4)) if args.quick else (train_b, sample_b)
+    div = 4 if args.quick else 1                                      # --quick: 1/4 of the batches
+    train_b, sample_b = (max(1, b // div) for b in BATCH[device.type][preset])
     latents = torch.randn((train_b,) + LATENT_SHAPES[preset], device=device)
     noise = [torch.randn(train_b, model.latent_channels, h, w, device=device) for h, w in model.scales]
     t, rows = torch.rand(train_b, len(model.scales), device=device), []
@@ -138,7 +138,7 @@ def bench_preset(preset, device, args, rate):
         kv = [measure(n, f, len(y), device, args, rate) for n, f in
               (('AR stage, KV cache', with_cache), ('AR stage, no cache', without_cache))]
     for r in rows + kv:
-        r.update(preset=preset, params_m=params)
+        r.update(preset=preset, params_m=sum(p.numel() for p in model.parameters()) / 1e6)
     kv[0].update(max_abs_diff=diff, tokens=model.seq_len, token_passes=sum(s.stop for s in model.slices))
     return rows, kv
 
@@ -177,7 +177,7 @@ def main(argv=None):
     p.add_argument('--json', help="also write every number to this file")
     args = p.parse_args(argv)
     presets = args.presets.split(',')
-    if not presets or any(s not in LATENT_SHAPES for s in presets):
+    if any(s not in LATENT_SHAPES for s in presets):
         p.error(f"--presets: choose from {', '.join(LATENT_SHAPES)}, got {args.presets!r}")
     if min(args.repeats, args.sample_repeats) < 1 or args.warmup < 0:
         p.error("--repeats and --sample-repeats must be >= 1, --warmup >= 0")

@@ -15,12 +15,10 @@ Read this file next to Section 3.2 of the paper. The pieces, top to bottom:
             euler_time_grid, FlowAR.sample, FlowAR.integrate: inference, per scale one AR
                                      step + Euler integration
 
-The released code (Dec 2024) differs from the paper in a few places. Each is marked with
-"RELEASED vs PAPER" where it happens; this file follows the released code wherever the
-released checkpoints depend on it, so that sample.py's `official_state_dict` gives the authors'
-models. The main one: the paper writes F_t = t * s + (1 - t) * F_0 (t = 1 is data), the
-released code writes x_t = (1 - t) * x + t * eps (t = 1 is noise). Same family of paths,
-time reversed, velocity sign flipped.
+The released code (Dec 2024) differs from the paper in a few places, each marked "RELEASED
+vs PAPER" where it happens; this file follows the released code wherever the checkpoints
+depend on it (sample.py loads them). The main one: the paper writes F_t = t * s + (1 - t) *
+F_0 (t = 1 is data), the released x_t = (1 - t) * x + t * eps (t = 1 is noise): time reversed.
 
 Shapes: B batch, L total tokens over all scales (341 for scales 1-2-4-8-16), N tokens of
 one scale (h * w), C latent channels (16 for the MAR VAE), D width of the AR Transformer,
@@ -290,7 +288,7 @@ class ARBlock(nn.Module):
 
 def timestep_embedding(t, dim=256, max_period=10000):
     """Sinusoidal embedding [cos, sin] of (integer) time steps t: (B,) -> (B, dim)."""
-    freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    freqs = torch.exp(-math.log(max_period) * torch.arange(dim // 2, dtype=torch.float32, device=t.device) / (dim // 2))
     args = t[:, None].float() * freqs[None]                                  # (B, dim / 2)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -396,11 +394,13 @@ class FlowHead(nn.Module):
         self.time_embed = TimestepEmbedder(width)
         self.cond_embed = nn.Linear(cond_dim, width)    # per-position Linear(D -> W) of s-hat
         self.input_proj = nn.Linear(in_channels, width)
-        if block not in ('spatial', 'cross'):
+        if block == 'spatial':
+            blocks = [SpatialAdaLNBlock(width, heads, mlp_ratio, rope_theta) for _ in range(depth)]
+        elif block == 'cross':
+            blocks = [CrossAttnBlock(width, cond_dim, heads, mlp_ratio, rope_theta) for _ in range(depth)]
+        else:
             raise ValueError(f"head_block must be 'spatial' or 'cross', got {block!r}")
-        self.res_blocks = nn.ModuleList([SpatialAdaLNBlock(width, heads, mlp_ratio, rope_theta) if block == 'spatial'
-                                         else CrossAttnBlock(width, cond_dim, heads, mlp_ratio, rope_theta)
-                                         for _ in range(depth)])
+        self.res_blocks = nn.ModuleList(blocks)
         self.final_layer = FinalLayer(width, in_channels)
 
     def forward(self, x, t, semantics, pos):

@@ -69,7 +69,7 @@ def load_model_from_checkpoint(path, use_ema=True, device='cpu'):
         raise ValueError(f"{path!r} is not a training checkpoint (expected a dict, got {type(ckpt).__name__})")
     weights_key = 'ema' if use_ema else 'model'
     missing = [k for k in ('config', weights_key) if k not in ckpt]
-    if not isinstance(ckpt.get('config', {}), dict) or 'model' not in ckpt.get('config', {'model': 0}):
+    if 'config' in ckpt and not (isinstance(ckpt['config'], dict) and 'model' in ckpt['config']):
         missing.append("config['model']")
     if missing:
         hint = (" (a checkpoint without EMA weights: pass --no-ema to sample the raw weights)"
