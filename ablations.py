@@ -374,7 +374,8 @@ def main(argv=None):
     p.add_argument('--table', type=int, required=True, choices=sorted(TABLES))
     p.add_argument('--rows', default='', help="rows to run, separated by ';' (default: all rows of the table)")
     p.add_argument('--seeds', default='0', help="comma-separated seeds")
-    p.add_argument('--steps', type=int, default=1054, help="optimizer steps per row (default: the toy's 1.35 epochs)")
+    p.add_argument('--steps', type=int, default=1054,
+                   help="optimizer steps per row (default: 1.35 epochs, the toy's budget when the tables were measured)")
     p.add_argument('--num-samples', type=int, default=2000, help="samples scored per row (a multiple of 10)")
     p.add_argument('--base', default='out/cifar-toy', help="a finished train.py run: its vae.pt and latents/")
     p.add_argument('--out', default='out/ablations')

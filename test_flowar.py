@@ -626,7 +626,7 @@ def toy_setup(tmp_path_factory):
 def _train_args(out, vae_path, *extra):
     return ['--dataset', 'shapes', '--subset', '64', '--out', str(out), '--vae', str(vae_path),
             '--batch-size', '16', '--log-every', '1', '--ckpt-every', '1000', '--num-sample-classes', '2',
-            '--cache-batch-size', '32', '--device', 'cpu', *extra]
+            '--cache-batch-size', '32', '--device', 'cpu', '--precision', 'fp32', *extra]
 
 
 def _run_train(out, vae_path, *extra):
@@ -650,6 +650,31 @@ def test_smoke_run_writes_checkpoint_grid_and_log(toy_setup, tmp_path):
     lines = (tmp_path / 'run' / 'log.jsonl').read_text().splitlines()
     assert len(lines) == 3 and {'loss', 'scale_losses', 'lr', 'grad_norm', 'img_per_s', 'eta_s'} <= set(json.loads(lines[-1]))
     assert not list((tmp_path / 'run').glob('*.tmp*'))        # no temporary file left behind
+
+
+def test_precision_bf16_trains_flowar_under_autocast(toy_setup, tmp_path, monkeypatch):
+    # --precision bf16: every training forward runs in bf16 autocast; fp32: none does
+    _, vae_path = toy_setup
+    seen, forward = [], flowar.FlowAR.forward
+    def spy(self, *a, **k):
+        seen.append(torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16)
+        return forward(self, *a, **k)
+    monkeypatch.setattr(flowar.FlowAR, 'forward', spy)
+    ck = _run_train(tmp_path / 'bf16', vae_path, '--max-steps', '2', '--precision', 'bf16')
+    assert seen == [True, True] and all(v.dtype == torch.float32 for v in ck['model'].values())
+    seen.clear()
+    _run_train(tmp_path / 'fp32', vae_path, '--max-steps', '2')
+    assert seen == [False, False]
+
+
+def test_resolve_precision_auto_follows_the_hardware(monkeypatch):
+    assert [vae.resolve_precision(p, 'cpu') for p in ('fp32', 'bf16')] == ['fp32', 'bf16']
+    for avx, amx, want in ((True, False, 'bf16'), (False, True, 'bf16'), (False, False, 'fp32')):
+        monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: avx)
+        monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: amx)
+        assert vae.resolve_precision('auto', 'cpu') == want
+    with pytest.raises(ValueError, match='fp32, bf16 or auto'):
+        vae.resolve_precision('fp16', 'cpu')
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(toy_setup, tmp_path):
@@ -913,6 +938,23 @@ def test_vd_train_lowers_loss_and_resumes_exactly(tmp_path):
     grid = str(tmp_path / 'recon.png')
     vae.save_recon_grid(model_b, images, grid, n=4)
     assert Image.open(grid).size == (4 * 16, 2 * 16)
+
+
+def test_vd_train_bf16_steps_run_under_autocast_and_learn(tmp_path, monkeypatch):
+    images, _ = data.make_shapes(24, seed=0, size=16)
+    cfg = _vd_tiny_config(ch_mult=[1, 2], resolution=16)
+    seen, batch_loss = [], vae._batch_loss
+    def spy(model, x, *a):
+        seen.append((torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16,
+                     x.is_contiguous()))   # data.to_float: channels-last views are a slow CPU path
+        return batch_loss(model, x, *a)
+    monkeypatch.setattr(vae, '_batch_loss', spy)
+    torch.manual_seed(0)
+    psnr_init = vae.evaluate_psnr(vae.AutoencoderKL(cfg), images)
+    out = vae.train_vae(images, str(tmp_path / 'vae.pt'), steps=12, batch_size=8, config=cfg,
+                        kl_weight=1e-4, precision='bf16')
+    assert seen == [(True, True)] * 12
+    assert vae.evaluate_psnr(vae.load_vae(out)[0], images) > psnr_init + 3.0
 
 
 def test_vd_psnr_of_known_error():

@@ -64,18 +64,19 @@ _IMAGENET = dict(
 
 PRESETS = {
     # The CPU toy: a 1.9M-parameter FlowAR on 4x8x8 latents of a small VAE trained here.
-    # Sized for 20 minutes on 2 CPU cores; measured 18.0 min: VAE 9.4 min (2,200 steps of
-    # batch 16: more updates on the same images give 25.0 dB instead of 22.4 at batch 64),
-    # latent cache 1.3 min (no flipped copies), FlowAR 7.2 min (1.35 epochs, scales {1, 8};
-    # logit-normal t: 0.809 / FD 1.80x against 0.767 / 1.93x with the released uniform t).
+    # Sized for 20 minutes on 2 CPU cores with native bf16 (precision 'auto'; in fp32 it
+    # takes about 25): VAE 7.9 min (3,300 steps of batch 16: more updates on the same images
+    # give 25.8 dB instead of 22.4 at batch 64), latent cache 1.2 min (no flipped copies),
+    # FlowAR 9.2-9.9 min (2.3 epochs, scales {1, 8}; logit-normal t: 0.809 / FD 1.80x against
+    # 0.767 / 1.93x with the released uniform t, in the fp32 toy of 1.35 epochs).
     # The README's "What makes the toy work" has the measurements behind them.
     'cifar-toy': dict(
         model='toy', dataset='cifar10', data_dir='data', out='out/cifar-toy', vae='',
         image_size=32, subset=0, batch_size=64, micro_batch=0,
-        blr=0.0, lr=2e-3, min_lr=1e-5, epochs=1.35, warmup_epochs=0.1, max_steps=0,
+        blr=0.0, lr=2e-3, min_lr=1e-5, epochs=2.3, warmup_epochs=0.1, max_steps=0,
         weight_decay=0.02, beta1=0.9, beta2=0.95, grad_clip=3.0, ema=0.999, label_drop=0.1,
-        grad_ckpt=False, precision='fp32', compile=False, scale_weighting='tokens',
-        init='released', t_sampling='logit-normal', vae_max_steps=2200, vae_batch_size=16, cache_batch_size=256,
+        grad_ckpt=False, precision='auto', compile=False, scale_weighting='tokens',
+        init='released', t_sampling='logit-normal', vae_max_steps=3300, vae_batch_size=16, cache_batch_size=256,
         cache_flips=False,
         log_every=50, ckpt_every=500, sample_every=0, num_sample_classes=10,
         seed=0, device='',
@@ -110,7 +111,8 @@ HELP = {
     'ema': 'EMA decay of the weights used for sampling (reached after a warm-up, see ema_decay)',
     'label_drop': 'probability of replacing the label by the null class (for CFG)',
     'grad_ckpt': 'gradient checkpointing of the AR blocks (saves memory for L and H)',
-    'precision': 'fp32 or bf16 (autocast; the authors report NaNs with mixed precision)',
+    'precision': "training steps (VAE and FlowAR) in fp32 or bf16 autocast (the authors report NaNs with mixed "
+                 "precision); 'auto': bf16 where the device computes it natively, else fp32 (vae.resolve_precision)",
     'compile': 'torch.compile the model',
     'scale_weighting': "loss weight of each scale: 'tokens' (released, h*w / (H*W)) or 'uniform' (Eq. 9's plain sum)",
     'init': "weight init: 'released' (xavier everywhere) or 'adaln-zero' (DiT: zero adaLN and output layers)",
@@ -161,7 +163,7 @@ def parse_args(argv=None):
         (0 <= cfg['ema'] < 1, "--ema must be in [0, 1)"),
         (0 <= cfg['label_drop'] < 1, "--label-drop must be in [0, 1)"),
         (cfg['grad_clip'] >= 0, "--grad-clip must be >= 0"),
-        (cfg['precision'] in ('fp32', 'bf16'), "--precision must be fp32 or bf16"),
+        (cfg['precision'] in ('fp32', 'bf16', 'auto'), "--precision must be fp32, bf16 or auto"),
         (cfg['scale_weighting'] in ('tokens', 'uniform'), "--scale-weighting must be tokens or uniform"),
         (cfg['init'] in ('released', 'adaln-zero'), "--init must be released or adaln-zero"),
         (cfg['t_sampling'] in ('uniform', 'logit-normal'), "--t-sampling must be uniform or logit-normal"),
@@ -314,9 +316,11 @@ def prepare_latents(cfg, rank, world_size, device, log):
             raise SystemExit("ImageNet needs a pretrained VAE: --vae /path/to/kl16.ckpt")
         if rank == 0:  # small VAE: trained on rank 0 only, the others wait
             t0 = time.time()
-            log(f"[stage vae] training the small '{cfg['dataset']}' VAE for {cfg['vae_max_steps']} steps -> {vae_path}")
+            log(f"[stage vae] training the small '{cfg['dataset']}' VAE for {cfg['vae_max_steps']} steps "
+                f"({vae_lib.resolve_precision(cfg['precision'], device)}) -> {vae_path}")
             vae_lib.train_vae(images, vae_path, steps=cfg['vae_max_steps'], batch_size=cfg['vae_batch_size'],
-                              device=device, seed=cfg['seed'], log_every=max(cfg['log_every'], 100))
+                              device=device, seed=cfg['seed'], log_every=max(cfg['log_every'], 100),
+                              precision=cfg['precision'])
             trained, _ = vae_lib.load_vae(vae_path, device=device)
             if cfg['dataset'] == 'cifar10':  # held-out quality: PSNR on 2,000 test images
                 test = data.load_cifar10(cfg['data_dir'], train=False)[0][:2000]
@@ -440,7 +444,8 @@ def train(cfg, run, batch, model, ema, opt, ds, step, train_cfg, sample_grid):
     previous_handler = signal.signal(signal.SIGINT, lambda *a: stop.update(now=True))
     log(f"[stage flowar] model {cfg['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
         f"{len(ds)} latents {tuple(ds.latent_shape)}, global batch {B} = {run.world_size} ranks x {batch.accum} x "
-        f"{batch.micro}, lr {batch.lr:.2e}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, device {device}")
+        f"{batch.micro}, lr {batch.lr:.2e}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, device {device}, "
+        f"{vae_lib.resolve_precision(cfg['precision'], device)}")
     log_file = open(os.path.join(cfg['out'], 'log.jsonl'), 'a') if run.master else None
     t_log, n_log, t_start, step0 = time.time(), 0, time.time(), step
     sums, n_sums, order_epoch = 0.0, 0, None
@@ -500,8 +505,7 @@ def train(cfg, run, batch, model, ema, opt, ds, step, train_cfg, sample_grid):
 def forward_backward(model, train_model, ds, batch_idx, cfg, step, batch, run):
     """Gradients of one global batch (`batch_idx`) from this rank's batch.accum micro-batches
     (loss / accum each: they add up to the mean). Returns its [loss, per-scale losses]."""
-    autocast = (torch.autocast(run.device.type, dtype=torch.bfloat16) if cfg['precision'] == 'bf16'
-                else contextlib.nullcontext())
+    bf16 = vae_lib.resolve_precision(cfg['precision'], run.device) == 'bf16'     # 'auto' decided here
     step_loss = torch.zeros(1 + len(model.scales), device=run.device)
     for m in range(batch.accum):
         off = run.rank * batch.per_rank + m * batch.micro        # position in the global batch
@@ -509,7 +513,7 @@ def forward_backward(model, train_model, ds, batch_idx, cfg, step, batch, run):
         # DDP: sync gradients only on the last micro-step (set before the forward)
         sync = contextlib.nullcontext() if (not run.ddp or m == batch.accum - 1) else train_model.no_sync()
         with sync:
-            with autocast:
+            with torch.autocast(run.device.type, torch.bfloat16, enabled=bf16):
                 loss, per_scale = train_model(z, y, noise, t)
             (loss / batch.accum).backward()
         step_loss += torch.cat([loss.detach().float()[None], per_scale.float()]) / batch.accum

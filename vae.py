@@ -401,6 +401,22 @@ def load_vae(path, device='cpu'):
 # -----------------------------------------------------------------------------
 # Training (cifar preset; pixels only, no perceptual or adversarial loss)
 
+def resolve_precision(precision, device):
+    """The training steps' precision, for both stages (train.py imports it): 'fp32', 'bf16'
+    (torch.autocast), or 'auto' = bf16 where the device multiplies bf16 natively (a CUDA GPU
+    with bf16, a CPU with AVX512-BF16 or AMX), else fp32. On 2 AMD EPYC cores with
+    AVX512-BF16, bf16 trains this VAE 1.45x and the toy FlowAR 1.3x as fast as fp32; a CPU
+    without it would emulate bf16, slower than fp32."""
+    if precision not in ('fp32', 'bf16', 'auto'):
+        raise ValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
+    if precision != 'auto':
+        return precision
+    if torch.device(device).type == 'cuda':
+        return 'bf16' if torch.cuda.is_bf16_supported() else 'fp32'
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()  # private torch API
+    return 'bf16' if native else 'fp32'
+
+
 def lr_at(x, lr, min_lr, warmup, end):
     """The one learning-rate schedule of the project, for both stages (this VAE and the
     FlowAR model in train.py, which imports it): linear warm-up from 0 to `lr` over
@@ -546,11 +562,12 @@ def _log_progress(step, steps, batch_size, ips, budget_left, total, rec_loss, kl
 
 def train_vae(images, out_path, *, steps=3000, batch_size=64, lr=2e-3, device='cpu',
               log_every=100, time_budget_s=None, seed=0, resume=True, preset='cifar',
-              loss='l1', kl_weight=1e-6, ckpt_every=500, config=None, stop_at_step=None):
+              loss='l1', kl_weight=1e-6, ckpt_every=500, config=None, stop_at_step=None,
+              precision='fp32'):
     """Train a VAE on uint8 images (N, H, W, 3) and write it with save_vae to out_path.
 
-    Each step: a random flipped batch (_random_batch), its loss (_batch_loss), one Adam step
-    at the lr of lr_at (warm-up, then cosine to 10% of lr at `steps`). Training stops after
+    Each step: a random flipped batch (_random_batch), its loss (_batch_loss; under bf16
+    autocast with precision 'bf16', see resolve_precision), one Adam step at the lr of lr_at (warm-up, then cosine to 10% of lr at `steps`). Training stops after
     `steps` steps, or once time_budget_s seconds of training have passed in this call, or
     after step stop_at_step (a deterministic interruption, for chunked runs and tests).
     The training state is saved every ckpt_every steps and at the end to
@@ -563,6 +580,7 @@ def train_vae(images, out_path, *, steps=3000, batch_size=64, lr=2e-3, device='c
     if loss not in ('l1', 'mse'):
         raise ValueError(f"loss must be 'l1' or 'mse', got {loss!r}")
     device = torch.device(device)
+    bf16 = resolve_precision(precision, device) == 'bf16'
     torch.manual_seed(seed)                        # model init and the posterior noise
     model = AutoencoderKL(config if config is not None else PRESETS[preset]).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -588,8 +606,9 @@ def train_vae(images, out_path, *, steps=3000, batch_size=64, lr=2e-3, device='c
         x_sched = _schedule_position(step, steps, warmup, elapsed, time_budget_s)
         for group in opt.param_groups:
             group['lr'] = lr_at(x_sched, lr, 0.1 * lr, warmup, steps)
-        total, rec_loss, kl = _batch_loss(model, _random_batch(images_t, batch_size, data_gen, device),
-                                          loss, kl_weight)
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            total, rec_loss, kl = _batch_loss(model, _random_batch(images_t, batch_size, data_gen, device),
+                                              loss, kl_weight)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
@@ -635,6 +654,8 @@ def main():
                    help='stop training after this many seconds (then evaluate and save); the '
                    'cosine lr schedule then ends with the budget')
     p.add_argument('--seed', type=int, default=0, help='seed of init, batches and noise')
+    p.add_argument('--precision', choices=['fp32', 'bf16', 'auto'], default='auto',
+                   help='training steps in fp32 or bf16 autocast; auto: bf16 where native (resolve_precision)')
     p.add_argument('--log-every', type=int, default=100, help='steps between progress lines')
     p.add_argument('--no-resume', action='store_true', help='ignore an existing training state')
     args = p.parse_args()
@@ -651,7 +672,7 @@ def main():
     train_vae(train_images, out_path, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
               device=args.device, log_every=args.log_every, time_budget_s=args.time_budget,
               seed=args.seed, resume=not args.no_resume, loss=args.loss,
-              kl_weight=args.kl_weight)
+              kl_weight=args.kl_weight, precision=args.precision)
     print(f"[vae] wall-clock for training + scale factor: {time.time() - t0:.0f}s")
     model, scale = load_vae(out_path, args.device)
     psnr = evaluate_psnr(model, test_images, device=args.device)
