@@ -432,7 +432,7 @@ def euler_time_grid(num_steps, dtype=torch.float64, device=None):
 def cfg_schedule(num_scales, cfg, ramp=True):
     """CFG weight per scale, rising linearly from 1 at the first scale to `cfg` at the last
     (ramp=True, released; the paper does not describe it), or `cfg` at every scale
-    (ramp=False, an option of this code: the toy's default, see SAMPLING_DEFAULTS)."""
+    (ramp=False, an option of this code, measured against the ramp in the README)."""
     if not ramp or num_scales == 1:
         return [float(cfg)] * num_scales
     return [1.0 + (cfg - 1.0) * i / (num_scales - 1) for i in range(num_scales)]

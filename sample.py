@@ -266,7 +266,7 @@ def build_parser():
     g.add_argument('--guidance', type=float, help="guidance only while t <= this (the interval)")
     g.add_argument('--cfg-ramp', action=argparse.BooleanOptionalAction, default=None,
                    help="CFG weight rising from 1 at the first scale to --cfg at the last (released), "
-                   "or --no-cfg-ramp: --cfg at every scale (the toy's default)")
+                   "or --no-cfg-ramp: --cfg at every scale")
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('--batch-size', type=int, default=64,
                    help="images per chunk; the .npz is reproducible for a fixed value")

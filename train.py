@@ -64,11 +64,10 @@ _IMAGENET = dict(
 
 PRESETS = {
     # The CPU toy: a 1.9M-parameter FlowAR on 4x8x8 latents of a small VAE trained here.
-    # Sized for 20 minutes on 2 CPU cores with native bf16 (precision 'auto'; in fp32 it
-    # takes about 25): VAE 7.9 min (3,300 steps of batch 16: more updates on the same images
-    # give 25.8 dB instead of 22.4 at batch 64), latent cache 1.2 min (no flipped copies),
-    # FlowAR 9.2-9.9 min (2.3 epochs, scales {1, 8}; logit-normal t: 0.809 / FD 1.80x against
-    # 0.767 / 1.93x with the released uniform t, in the fp32 toy of 1.35 epochs).
+    # Sized for 20 minutes on 2 CPU cores with native bf16 (precision 'auto'; about 23 in
+    # fp32): 18.9 min = VAE 7.9 min (3,300 steps of batch 16, 25.8 dB; more updates on the
+    # same images beat bigger batches), latent cache 1.3 min (no flipped copies), FlowAR
+    # 9.7 min (2.3 epochs, scales {1, 8}, logit-normal t). 0.782 / FD 1.46x (README).
     # The README's "What makes the toy work" has the measurements behind them.
     'cifar-toy': dict(
         model='toy', dataset='cifar10', data_dir='data', out='out/cifar-toy', vae='',
