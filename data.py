@@ -219,7 +219,7 @@ def center_crop_arr(pil_image, image_size):
 def to_float(x_uint8):
     """uint8 images (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1]: the one conversion
     of pixels into the VAE's input range (the inverse is to_uint8). Made contiguous: the
-    moved view has channels-last strides, a slower path for CPU convolutions (1.15x)."""
+    moved view has channels-last strides, a slower path for CPU convolutions (1.16x)."""
     return x_uint8.movedim(-1, -3).contiguous().float().div(127.5).sub(1.0)
 
 

@@ -405,7 +405,7 @@ def resolve_precision(precision, device):
     """The training steps' precision, for both stages (train.py imports it): 'fp32', 'bf16'
     (torch.autocast), or 'auto' = bf16 where the device multiplies bf16 natively (a CUDA GPU
     with bf16, a CPU with AVX512-BF16 or AMX), else fp32. On 2 AMD EPYC cores with
-    AVX512-BF16, bf16 trains this VAE 1.45x and the toy FlowAR 1.3x as fast as fp32; a CPU
+    AVX512-BF16, bf16 trains this VAE 1.45x and the toy FlowAR 1.25x as fast as fp32; a CPU
     without it would emulate bf16, slower than fp32."""
     if precision not in ('fp32', 'bf16', 'auto'):
         raise ValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
@@ -566,8 +566,9 @@ def train_vae(images, out_path, *, steps=3000, batch_size=64, lr=2e-3, device='c
               precision='fp32'):
     """Train a VAE on uint8 images (N, H, W, 3) and write it with save_vae to out_path.
 
-    Each step: a random flipped batch (_random_batch), its loss (_batch_loss; under bf16
-    autocast with precision 'bf16', see resolve_precision), one Adam step at the lr of lr_at (warm-up, then cosine to 10% of lr at `steps`). Training stops after
+    Each step: a random flipped batch (_random_batch), its loss (_batch_loss; in bf16
+    autocast where resolve_precision(precision) says bf16), one Adam step at the lr of lr_at
+    (warm-up, then cosine to 10% of lr at `steps`). Training stops after
     `steps` steps, or once time_budget_s seconds of training have passed in this call, or
     after step stop_at_step (a deterministic interruption, for chunked runs and tests).
     The training state is saved every ckpt_every steps and at the end to
