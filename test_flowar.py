@@ -132,6 +132,17 @@ def test_rope_rotates_pairs_and_preserves_relative_positions():
 # Eq. 6: the causal scale Transformer and its KV cache
 # ---------------------------------------------------------------------------------------
 
+def test_attention_equals_torch_sdpa_with_and_without_a_mask():
+    # flowar.attention's CPU path (plain products) against torch's fused kernel, fp32
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 21, 16, generator=g).unbind(0)
+    mask = flowar.block_causal_mask([(1, 1), (2, 2), (4, 4)])      # (21, 21) bool
+    for m in (None, mask):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        assert torch.allclose(flowar.attention(q, k, v, m), want, atol=1e-6)
+    assert not torch.allclose(flowar.attention(q, k, v, mask), flowar.attention(q, k, v), atol=1e-3)
+
+
 def test_block_causal_mask_changing_scale_k_plus_1_leaves_scales_up_to_k_unchanged():
     model = tiny_model()
     torch.manual_seed(1)

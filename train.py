@@ -64,15 +64,15 @@ _IMAGENET = dict(
 
 PRESETS = {
     # The CPU toy: a 1.9M-parameter FlowAR on 4x8x8 latents of a small VAE trained here.
-    # Sized for 20 minutes on 2 CPU cores with native bf16 (precision 'auto'; about 23 in
+    # Sized for 20 minutes on 2 CPU cores with native bf16 (precision 'auto'; about 26 in
     # fp32): 18.9 min = VAE 7.9 min (3,300 steps of batch 16, 25.8 dB; more updates on the
     # same images beat bigger batches), latent cache 1.3 min (no flipped copies), FlowAR
-    # 9.7 min (2.3 epochs, scales {1, 8}, logit-normal t). 0.782 / FD 1.46x (README).
+    # 9.1 min (3.0 epochs, scales {1, 8}, logit-normal t). 0.775 / FD 1.44x (README).
     # The README's "What makes the toy work" has the measurements behind them.
     'cifar-toy': dict(
         model='toy', dataset='cifar10', data_dir='data', out='out/cifar-toy', vae='',
         image_size=32, subset=0, batch_size=64, micro_batch=0,
-        blr=0.0, lr=2e-3, min_lr=1e-5, epochs=2.3, warmup_epochs=0.1, max_steps=0,
+        blr=0.0, lr=2e-3, min_lr=1e-5, epochs=3.0, warmup_epochs=0.1, max_steps=0,
         weight_decay=0.02, beta1=0.9, beta2=0.95, grad_clip=3.0, ema=0.999, label_drop=0.1,
         grad_ckpt=False, precision='auto', compile=False, scale_weighting='tokens',
         init='released', t_sampling='logit-normal', vae_max_steps=3300, vae_batch_size=16, cache_batch_size=256,
