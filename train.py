@@ -444,7 +444,7 @@ def train(cfg, run, batch, model, ema, opt, ds, step, train_cfg, sample_grid):
     log(f"[stage flowar] model {cfg['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
         f"{len(ds)} latents {tuple(ds.latent_shape)}, global batch {B} = {run.world_size} ranks x {batch.accum} x "
         f"{batch.micro}, lr {batch.lr:.2e}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, device {device}, "
-        f"{vae_lib.resolve_precision(cfg['precision'], device)}")
+        f"{run.precision}")
     log_file = open(os.path.join(cfg['out'], 'log.jsonl'), 'a') if run.master else None
     t_log, n_log, t_start, step0 = time.time(), 0, time.time(), step
     sums, n_sums, order_epoch = 0.0, 0, None
@@ -504,7 +504,6 @@ def train(cfg, run, batch, model, ema, opt, ds, step, train_cfg, sample_grid):
 def forward_backward(model, train_model, ds, batch_idx, cfg, step, batch, run):
     """Gradients of one global batch (`batch_idx`) from this rank's batch.accum micro-batches
     (loss / accum each: they add up to the mean). Returns its [loss, per-scale losses]."""
-    bf16 = vae_lib.resolve_precision(cfg['precision'], run.device) == 'bf16'     # 'auto' decided here
     step_loss = torch.zeros(1 + len(model.scales), device=run.device)
     for m in range(batch.accum):
         off = run.rank * batch.per_rank + m * batch.micro        # position in the global batch
@@ -512,7 +511,7 @@ def forward_backward(model, train_model, ds, batch_idx, cfg, step, batch, run):
         # DDP: sync gradients only on the last micro-step (set before the forward)
         sync = contextlib.nullcontext() if (not run.ddp or m == batch.accum - 1) else train_model.no_sync()
         with sync:
-            with torch.autocast(run.device.type, torch.bfloat16, enabled=bf16):
+            with torch.autocast(run.device.type, torch.bfloat16, enabled=run.precision == 'bf16'):
                 loss, per_scale = train_model(z, y, noise, t)
             (loss / batch.accum).backward()
         step_loss += torch.cat([loss.detach().float()[None], per_scale.float()]) / batch.accum
@@ -536,7 +535,7 @@ def _default_scales(model_preset, latent_shape):
 
 def setup_distributed(cfg):
     """One switch, "is RANK in the environment?" (torchrun sets it). Joins the process group,
-    creates OUT. Returns ddp, rank, world_size, master (rank 0), device, log, ckpt_path."""
+    creates OUT. Returns ddp, rank, world_size, master (rank 0), device, precision, log, ckpt_path."""
     ddp = 'RANK' in os.environ
     device = torch.device(cfg['device'] or ('cuda' if torch.cuda.is_available() else 'cpu'))
     rank, world_size = 0, 1
@@ -557,6 +556,7 @@ def setup_distributed(cfg):
     if ddp:
         dist.barrier()
     return SimpleNamespace(ddp=ddp, rank=rank, world_size=world_size, master=master, device=device,
+                           precision=vae_lib.resolve_precision(cfg['precision'], device),  # 'auto' decided once
                            log=lambda msg: print(msg, flush=True) if master else None,
                            ckpt_path=os.path.join(cfg['out'], 'ckpt.pt'))
 
