@@ -148,6 +148,17 @@ def sampling_settings(preset, num_steps=None, cfg=None, guidance=None, cfg_ramp=
     return {k: (SAMPLING_DEFAULTS[preset][k] if v is None else v) for k, v in given.items()}
 
 
+def parse_steps(text):
+    """--num-steps: '8' -> 8 (every scale), '50,8' -> [50, 8] (one per scale), each >= 2."""
+    try:
+        steps = [int(part) for part in text.split(',')]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an integer or comma-separated integers, got {text!r}") from None
+    if min(steps) < 2:
+        raise argparse.ArgumentTypeError(f"every grid needs >= 2 points, got {text!r}")
+    return steps[0] if len(steps) == 1 else steps
+
+
 def parse_classes(text, num_classes):
     """'1,207,360' -> [1, 207, 360], each checked to be a class of this model."""
     out = []
@@ -260,8 +271,9 @@ def build_parser():
     p.add_argument('--ema', action=argparse.BooleanOptionalAction, default=True,
                    help="sample the EMA weights of --ckpt (default) or the raw ones (--no-ema)")
     g = p.add_argument_group("sampling (defaults: flowar.SAMPLING_DEFAULTS of the model preset)")
-    g.add_argument('--num-steps', type=int, help="the released time grid per scale (flowar.euler_time_grid): "
-                   "n Euler steps for even n (50: uniform), n - 1 for odd n (25 -> 24, as released)")
+    g.add_argument('--num-steps', type=parse_steps, help="the released time grid per scale (flowar.euler_time_grid): "
+                   "n Euler steps for even n (50: uniform), n - 1 for odd n (25 -> 24, as released); "
+                   "one n for every scale, or one per scale: 50,8")
     g.add_argument('--cfg', type=float, help="classifier-free guidance weight at the last scale")
     g.add_argument('--guidance', type=float, help="guidance only while t <= this (the interval)")
     g.add_argument('--cfg-ramp', action=argparse.BooleanOptionalAction, default=None,
@@ -299,7 +311,7 @@ def _check_args(parser, args):
         parser.error("--num-images and --npz go together")
     if args.npz is not None and (args.show_scales or args.classes or args.per_class or args.out):
         parser.error("--npz makes a class-balanced set; --classes/--per-class/--out/--show-scales are for grids")
-    for name in ('batch_size', 'per_class', 'num_images', 'num_steps'):
+    for name in ('batch_size', 'per_class', 'num_images'):
         v = getattr(args, name)
         if v is not None and v < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")

@@ -419,23 +419,26 @@ class _SemanticsHead(torch.nn.Module):
         return semantics[..., :self.C].to(x.dtype)
 
 
-@pytest.mark.parametrize('cfg, guidance, ramp', [(3.0, 0.5, True), (2.0, 1.0, True), (1.0, 1.0, True),
-                                                 (3.0, 0.5, False)])
-def test_cfg_combination_guidance_interval_and_euler_direction(cfg, guidance, ramp):
+@pytest.mark.parametrize('cfg, guidance, ramp, num_steps', [
+    (3.0, 0.5, True, 8), (2.0, 1.0, True, 8), (1.0, 1.0, True, 8), (3.0, 0.5, False, 8),
+    (3.0, 0.5, True, [50, 3, 8, 4])])  # a grid per scale (the toy's [50, 8])
+def test_cfg_combination_guidance_interval_and_euler_direction(cfg, guidance, ramp, num_steps):
     # With v_c, v_u constant in t, Euler from t = 1 to 0 gives exactly
     #   x_0 = noise - (sum of guided |dt|) * (v_u + w_i (v_c - v_u)) - (sum of other |dt|) * v_c
     # at scale i, w_i = cfg_schedule(...)[i]. This pins the sign of the CFG combination,
-    # the guidance interval (t <= guidance), the per-scale weight and the time direction.
+    # the guidance interval (t <= guidance), the per-scale weight and time grid, and the
+    # time direction.
     model = tiny_model()
     model.flownet = _SemanticsHead(model.latent_channels)
-    labels, num_steps = torch.tensor([1, 3]), 8
+    labels = torch.tensor([1, 3])
     z, info = model.sample(labels, num_steps=num_steps, cfg=cfg, guidance=guidance, cfg_ramp=ramp,
                            generator=torch.Generator().manual_seed(5), return_details=True)
     v_c = model.semantics(info['maps'], labels)[..., :4].double()                # (B, L, C)
     v_u = model.semantics(info['maps'], torch.full_like(labels, 10))[..., :4].double()
-    ts = flowar.euler_time_grid(num_steps).tolist()
+    steps = num_steps if isinstance(num_steps, list) else [num_steps] * 4
     g = torch.Generator().manual_seed(5)
     for i, (sl, w) in enumerate(zip(model.slices, flowar.cfg_schedule(len(model.scales), cfg, ramp))):
+        ts = flowar.euler_time_grid(steps[i]).tolist()
         noise = torch.randn(2, sl.stop - sl.start, 4, generator=g, dtype=torch.float64)
         guided_dt = sum(a - b for a, b in zip(ts, ts[1:]) if a <= guidance and w != 1.0)
         v_g = v_u[:, sl] + w * (v_c[:, sl] - v_u[:, sl])
@@ -448,6 +451,8 @@ def test_unconditional_sampling_and_bad_labels():
     model = tiny_model()
     z = model.sample(None, batch_size=2, num_steps=4, generator=torch.Generator().manual_seed(0))
     assert z.shape == (2, 4, 8, 8) and torch.isfinite(z).all()
+    with pytest.raises(ValueError, match='one per scale'):
+        model.sample(torch.tensor([1]), num_steps=[50, 8])          # 2 grids for 4 scales
     with pytest.raises(ValueError, match='class ids'):
         model.sample(torch.tensor([11]), num_steps=4)
     with pytest.raises(ValueError, match='labels'):
@@ -1326,6 +1331,16 @@ def test_smp_out_of_range_class_is_refused(smp_files, capsys):
     with pytest.raises(ValueError, match=r'valid ids are 0\.\.3'):
         sample.parse_classes('1,4', 4)
     assert sample.parse_classes('3, 0', 4) == [3, 0]
+
+
+def test_smp_num_steps_one_or_one_per_scale(smp_files, capsys):
+    assert sample.parse_steps('8') == 8 and sample.parse_steps('50, 8') == [50, 8]
+    for bad, msg in (('1', '>= 2 points'), ('8,x', 'comma-separated integers')):
+        with pytest.raises(SystemExit):
+            sample.main(['--ckpt', smp_files['ckpt'], '--num-steps', bad, '--cfg', '2.0', '--guidance', '0.9'])
+        assert msg in capsys.readouterr().err
+    with pytest.raises(ValueError, match='one per scale'):                # 3 grids, 4 scales
+        sample.main(['--ckpt', smp_files['ckpt'], '--per-class', '1'] + _SMP_FAST + ['--num-steps', '50,4,4'])
 
 
 def test_smp_vae_with_other_latent_channels_is_refused(smp_files):
