@@ -694,7 +694,7 @@ class FlowAR(nn.Module):
                 tb = torch.full((B,), t, device=device, dtype=dtype)
                 return self.flownet(xb, tb, s_hat[:B], pos)
 
-            x = self.integrate(predict, noise, euler_time_grid(steps[i], device=device))                         # (B, N_i, C) float64
+            x = self.integrate(predict, noise, euler_time_grid(steps[i], device=device))  # (B, N_i, C) fp64
             maps.append(map_from_tokens(x.to(dtype), hw))
 
         return (maps[-1], dict(maps=maps, semantics=sems)) if return_details else maps[-1]
