@@ -689,6 +689,9 @@ def test_resolve_precision_auto_follows_the_hardware(monkeypatch):
         monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: avx)
         monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: amx)
         assert vae.resolve_precision('auto', 'cpu') == want
+    monkeypatch.delattr(torch.cpu, '_is_avx512_bf16_supported')   # a torch without the probes
+    monkeypatch.delattr(torch.cpu, '_is_amx_tile_supported')
+    assert vae.resolve_precision('auto', 'cpu') == 'fp32'
     with pytest.raises(ValueError, match='fp32, bf16 or auto'):
         vae.resolve_precision('fp16', 'cpu')
 

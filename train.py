@@ -67,7 +67,7 @@ PRESETS = {
     # Sized for 20 minutes on 2 CPU cores with native bf16 (precision 'auto'; about 26 in
     # fp32): 18.9 min = VAE 7.9 min (3,300 steps of batch 16, 25.8 dB; more updates on the
     # same images beat bigger batches), latent cache 1.3 min (no flipped copies), FlowAR
-    # 9.1 min (3.0 epochs, scales {1, 8}, logit-normal t). 0.775 / FD 1.44x (README).
+    # 9.1 min (3.0 epochs, scales {1, 8}, logit-normal t). 0.754 / FD 1.36x (README).
     # The README's "What makes the toy work" has the measurements behind them.
     'cifar-toy': dict(
         model='toy', dataset='cifar10', data_dir='data', out='out/cifar-toy', vae='',

@@ -413,7 +413,9 @@ def resolve_precision(precision, device):
         return precision
     if torch.device(device).type == 'cuda':
         return 'bf16' if torch.cuda.is_bf16_supported() else 'fp32'
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()  # private torch API
+    # torch's private CPU probes; a torch version without them cannot tell, and gets fp32
+    probe = lambda name: getattr(torch.cpu, name, lambda: False)()
+    native = probe('_is_avx512_bf16_supported') or probe('_is_amx_tile_supported')
     return 'bf16' if native else 'fp32'
 
 
