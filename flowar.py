@@ -63,7 +63,7 @@ PRESETS = {
 
 # Sampling settings of the released evaluation scripts (cfg_ramp: CFG weight rising from 1 at
 # the first scale to `cfg` at the last) and the toy's, tuned with metrics.py (README, "What makes
-# the toy work"): the ramp to 6, 50 Euler grid points on the 1x1 scale and 8 on the 8x8 map.
+# the toy work"): the ramp to 6, 50 Euler steps on the 1x1 scale and 8 on the 8x8 map.
 SAMPLING_DEFAULTS = {
     'toy': dict(num_steps=[50, 8], cfg=6.0, guidance=0.9, cfg_ramp=True),
     'S': dict(num_steps=25, cfg=4.3, guidance=0.9, cfg_ramp=True),
@@ -632,8 +632,8 @@ class FlowAR(nn.Module):
                batch_size=None, return_details=False, cfg_ramp=True):
         """Generate latents scale by scale (Sec. 3.2, "Inference Pipeline"): per scale i one AR
         step (KV cache) gives s-hat^i, the head moves noise (t = 1) to the map s^i (t = 0) on
-        the released time grid of num_steps points (euler_time_grid; one int for every scale,
-        as released, or a list with one per scale), Up(s^i) is the next input.
+        the released time grid euler_time_grid(num_steps) (one int for every scale, as
+        released, or a list with one per scale), Up(s^i) is the next input.
         labels: (B,) class ids, or None (the null class; needs batch_size, and cfg = 1).
         cfg: the CFG weight at the last scale, rising from 1 at the first (cfg_ramp=True,
         released), or at every scale (cfg_ramp=False); CFG applies only while t <= guidance.

@@ -155,7 +155,7 @@ def parse_steps(text):
     except ValueError:
         raise argparse.ArgumentTypeError(f"an integer or comma-separated integers, got {text!r}") from None
     if min(steps) < 2:
-        raise argparse.ArgumentTypeError(f"every grid needs >= 2 points, got {text!r}")
+        raise argparse.ArgumentTypeError(f"every --num-steps value must be >= 2, got {text!r}")
     return steps[0] if len(steps) == 1 else steps
 
 

@@ -1338,7 +1338,7 @@ def test_smp_out_of_range_class_is_refused(smp_files, capsys):
 
 def test_smp_num_steps_one_or_one_per_scale(smp_files, capsys):
     assert sample.parse_steps('8') == 8 and sample.parse_steps('50, 8') == [50, 8]
-    for bad, msg in (('1', '>= 2 points'), ('8,x', 'comma-separated integers')):
+    for bad, msg in (('1', 'must be >= 2'), ('8,x', 'comma-separated integers')):
         with pytest.raises(SystemExit):
             sample.main(['--ckpt', smp_files['ckpt'], '--num-steps', bad, '--cfg', '2.0', '--guidance', '0.9'])
         assert msg in capsys.readouterr().err
