@@ -299,7 +299,7 @@ def train_row(model, ds, steps, seed, batch=64, lr=2e-3, log=print, pyramid=None
     """The toy recipe of train.py, single process, for `steps` steps -> the EMA model.
     pyramid: image_pyramid_moments for ImagePyramidFlowAR."""
     rcfg = dict(seed=seed, label_drop=0.1, t_sampling='uniform')
-    opt = torch.optim.AdamW(train.param_groups(model, 0.02), lr=lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(train.param_groups(model.named_parameters(), 0.02), lr=lr, betas=(0.9, 0.95))
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     spe = len(ds) // batch
     model.train()

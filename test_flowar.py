@@ -584,12 +584,36 @@ def test_vae_uses_the_same_schedule_with_a_one_based_warmup_and_a_time_budget():
 
 def test_param_groups_exclude_biases_and_1d_params_from_weight_decay():
     model = tiny_model()
-    decay, no_decay = train.param_groups(model, 0.02)
+    decay, no_decay = train.param_groups(model.named_parameters(), 0.02)
     names = {id(p): n for n, p in model.named_parameters()}
     assert all(p.ndim >= 2 for p in decay['params'])
     assert all(p.ndim < 2 or names[id(p)].endswith('.bias') for p in no_decay['params'])
     assert any(names[id(p)] == 'z_proj_ln.weight' for p in no_decay['params'])
     assert len(decay['params']) + len(no_decay['params']) == len(list(model.parameters()))
+
+
+def test_make_optimizers_splits_the_parameters_once():
+    model = tiny_model()
+    cfg = dict(train.PRESETS['cifar-toy'])
+    names = {id(p): n for n, p in model.named_parameters()}
+    (adamw,) = train.make_optimizers(model, dict(cfg, optimizer='adamw'), 1e-3)
+    assert isinstance(adamw, torch.optim.AdamW)
+    muon, adamw = train.make_optimizers(model, dict(cfg, optimizer='muon'), 1e-3)
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    on_muon = {names[id(p)] for g in muon.param_groups for p in g['params']}
+    on_adamw = {names[id(p)] for g in adamw.param_groups for p in g['params']}
+    assert not on_muon & on_adamw and on_muon | on_adamw == set(names.values())  # every parameter exactly once
+    assert 'encoder_blocks.0.attn.qkv.weight' in on_muon and 'flownet.res_blocks.0.mlp.fc2.weight' in on_muon
+    for kept_on_adamw in ('class_emb.weight', 'z_proj.weight', 'flownet.final_layer.linear.weight',
+                          'encoder_blocks.0.attn.qkv.bias'):
+        assert kept_on_adamw in on_adamw
+    # one step moves a Muon matrix by lr * 0.2 * sqrt(max(A, B)) * (an orthogonalised update, RMS ~ 1/sqrt(max(A, B)))
+    w = model.encoder_blocks[0].attn.qkv.weight
+    before = w.detach().clone()
+    w.grad = torch.randn_like(w)
+    muon.step()
+    rms = (w.detach() - before * (1 - 1e-3 * cfg['weight_decay'])).pow(2).mean().sqrt().item()
+    assert 0.1e-3 < rms < 0.3e-3, rms
 
 
 def test_ema_update():
@@ -658,7 +682,7 @@ def _max_diff(a, b):
 def test_smoke_run_writes_checkpoint_grid_and_log(toy_setup, tmp_path):
     _, vae_path = toy_setup
     ck = _run_train(tmp_path / 'run', vae_path, '--max-steps', '3')
-    assert ck['step'] == 3 and set(ck) >= {'model', 'ema', 'optimizer', 'step', 'epoch', 'config', 'rng'}
+    assert ck['step'] == 3 and set(ck) >= {'model', 'ema', 'optimizers', 'step', 'epoch', 'config', 'rng'}
     assert ck['config']['model']['latent_channels'] == 4 and ck['config']['model_preset'] == 'toy'
     from PIL import Image
     grid = Image.open(tmp_path / 'run' / 'samples.png')
@@ -734,6 +758,8 @@ def test_checkpoint_from_another_config_is_refused_naming_the_fields(toy_setup, 
     train.check_resume_config(saved, dict(saved), m, 'ck.pt')
     with pytest.raises(SystemExit, match='model.head_depth'):
         train.check_resume_config(saved, dict(saved), dict(m, head_depth=3), 'ck.pt')
+    with pytest.raises(SystemExit, match="optimizer: checkpoint 'adamw', now 'muon'"):  # its state would not fit
+        train.check_resume_config(dict(saved, optimizer='adamw'), dict(saved, optimizer='muon'), m, 'ck.pt')
 
 
 def test_bad_cli_values_are_refused(capsys):

@@ -54,7 +54,7 @@ _IMAGENET = dict(
     batch_size=2048,            # global batch (paper)
     blr=5e-5, lr=0.0,           # lr = blr * batch_size / 256 = 4e-4 unless --lr is given
     min_lr=1e-5, epochs=400.0, warmup_epochs=100.0, max_steps=0,
-    weight_decay=0.02, beta1=0.9, beta2=0.95, grad_clip=3.0, ema=0.9999, label_drop=0.1,
+    optimizer='adamw', weight_decay=0.02, beta1=0.9, beta2=0.95, grad_clip=3.0, ema=0.9999, label_drop=0.1,
     grad_ckpt=False, precision='fp32', compile=False, scale_weighting='tokens',
     init='released', t_sampling='uniform', vae_max_steps=0, vae_batch_size=64, cache_batch_size=64,
     cache_flips=True,
@@ -72,8 +72,8 @@ PRESETS = {
     'cifar-toy': dict(
         model='toy', dataset='cifar10', data_dir='data', out='out/cifar-toy', vae='',
         image_size=32, subset=0, batch_size=64, micro_batch=0,
-        blr=0.0, lr=2e-3, min_lr=1e-5, epochs=3.0, warmup_epochs=0.1, max_steps=0,
-        weight_decay=0.02, beta1=0.9, beta2=0.95, grad_clip=3.0, ema=0.999, label_drop=0.1,
+        blr=0.0, lr=2e-3, min_lr=1e-5, epochs=2.5, warmup_epochs=0.1, max_steps=0,
+        optimizer='muon', weight_decay=0.02, beta1=0.9, beta2=0.95, grad_clip=3.0, ema=0.999, label_drop=0.1,
         grad_ckpt=False, precision='auto', compile=False, scale_weighting='tokens',
         init='released', t_sampling='logit-normal', vae_max_steps=3300, vae_batch_size=16, cache_batch_size=256,
         cache_flips=False,
@@ -104,6 +104,7 @@ HELP = {
     'epochs': 'length of the lr schedule in epochs (warm-up + cosine)',
     'warmup_epochs': 'linear warm-up in epochs',
     'max_steps': 'stop the FlowAR stage after this many optimizer steps (0 = run all epochs)',
+    'optimizer': "'adamw' (paper) or 'muon' (Muon on the blocks' weight matrices, AdamW on the rest; see make_optimizers)",
     'weight_decay': 'AdamW weight decay (not on 1-D parameters and biases)',
     'beta1': 'AdamW beta1', 'beta2': 'AdamW beta2',
     'grad_clip': 'clip the gradient norm to this (0 = off)',
@@ -166,6 +167,7 @@ def parse_args(argv=None):
         (cfg['scale_weighting'] in ('tokens', 'uniform'), "--scale-weighting must be tokens or uniform"),
         (cfg['init'] in ('released', 'adaln-zero'), "--init must be released or adaln-zero"),
         (cfg['t_sampling'] in ('uniform', 'logit-normal'), "--t-sampling must be uniform or logit-normal"),
+        (cfg['optimizer'] in ('adamw', 'muon'), "--optimizer must be adamw or muon"),
         (cfg['vae_max_steps'] >= 0, "--vae-max-steps must be >= 0"),
         (cfg['log_every'] > 0 and cfg['ckpt_every'] > 0 and cfg['sample_every'] >= 0,
          "--log-every and --ckpt-every must be > 0, --sample-every >= 0"),
@@ -188,14 +190,33 @@ def parse_args(argv=None):
 lr_at = vae_lib.lr_at
 
 
-def param_groups(model, weight_decay):
+def param_groups(named_parameters, weight_decay):
     """AdamW groups: no weight decay on 1-D parameters (norm weights) and biases."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for name, p in named_parameters:
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or name.endswith('.bias') else decay).append(p)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def make_optimizers(model, cfg, lr, fused=False):
+    """[AdamW] (the paper), or for --optimizer muon [Muon, AdamW]: Muon (Jordan et al. 2024,
+    torch.optim.Muon: momentum, then the update orthogonalised by Newton-Schulz) on the 2-D
+    weights of the transformer blocks, AdamW on the rest (embeddings, input and output maps,
+    norms, biases). Moonshot's 'match_rms_adamw' scaling gives Muon's update the RMS of an
+    AdamW update, so one lr and schedule drive both.
+    TOY DEVIATION: the paper trains with AdamW; in the toy's 20 minutes Muon reaches a
+    lower loss and FD (README, "What makes the toy work"); ImageNet presets keep AdamW."""
+    adamw = lambda params: torch.optim.AdamW(param_groups(params, cfg['weight_decay']), lr=lr,
+                                             betas=(cfg['beta1'], cfg['beta2']), fused=fused)
+    if cfg['optimizer'] == 'adamw':
+        return [adamw(model.named_parameters())]
+    is_muon = lambda name, p: p.ndim == 2 and 'blocks.' in name
+    params = list(model.named_parameters())
+    return [torch.optim.Muon([p for n, p in params if is_muon(n, p)], lr=lr, weight_decay=cfg['weight_decay'],
+                             adjust_lr_fn='match_rms_adamw'),
+            adamw([(n, p) for n, p in params if not is_muon(n, p)])]
 
 
 def ema_decay(decay, step):
@@ -274,7 +295,7 @@ def check_resume_config(saved, cfg, model_cfg, path):
         a, b = saved_model.get(k), model_cfg.get(k)
         if a != b:
             diffs.append(f"model.{k}: checkpoint {a!r}, now {b!r}")
-    for k in ('dataset', 'batch_size', 'seed', 'vae_fingerprint'):
+    for k in ('dataset', 'batch_size', 'seed', 'vae_fingerprint', 'optimizer'):
         if saved.get(k) != cfg.get(k):
             diffs.append(f"{k}: checkpoint {saved.get(k)!r}, now {cfg.get(k)!r}")
     if diffs:
@@ -375,15 +396,15 @@ def main(argv=None):
     cfg.update(vae_fingerprint=ds.header['vae_fingerprint'], vae_path=vae_path)
 
     # --- stage 4: model, EMA, optimizer; resume; train ---
-    model, ema, opt = build_model(cfg, ds.latent_shape, len(class_names), batch.lr, run.device)
+    model, ema, opts = build_model(cfg, ds.latent_shape, len(class_names), batch.lr, run.device)
     if len(ds) < batch.size:
         raise SystemExit(f"the dataset has {len(ds)} items, fewer than one batch of {batch.size}")
     train_cfg = dict(cfg, preset=cfg['preset'], model_preset=cfg['model'], model=model.config,
                      vae=vae_path, vae_scale_factor=float(scale_factor))   # what a checkpoint records
-    step0 = resume(run, train_cfg, model, ema, opt)
+    step0 = resume(run, train_cfg, model, ema, opts)
     rows = min(cfg['num_sample_classes'], len(class_names))
     sample_grid = lambda path: write_sample_grid(ema, vae, scale_factor, path, rows, seed=cfg['seed'])
-    step = train(cfg, run, batch, model, ema, opt, ds, step0, train_cfg, sample_grid)
+    step = train(cfg, run, batch, model, ema, opts, ds, step0, train_cfg, sample_grid)
 
     # --- stage 5: samples from the EMA weights (skipped if nothing was trained and the grid exists) ---
     grid_path = os.path.join(cfg['out'], 'samples.png')
@@ -417,19 +438,17 @@ def split_batch(cfg, world_size):
 
 
 def build_model(cfg, latent_shape, num_classes, lr, device):
-    """FlowAR from its preset, the EMA copy of its weights, and AdamW."""
+    """FlowAR from its preset, the EMA copy of its weights, and its optimizers."""
     torch.manual_seed(cfg['seed'])  # same init on every rank (DDP also broadcasts it)
     model = flowar.FlowAR.from_preset(cfg['model'], latent_channels=latent_shape[0], num_classes=num_classes,
                                       scales=_default_scales(cfg['model'], latent_shape), init=cfg['init'],
                                       grad_checkpointing=cfg['grad_ckpt'], scale_weighting=cfg['scale_weighting']).to(device)
     model.preset_name = cfg['model']
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(param_groups(model, cfg['weight_decay']), lr=lr,
-                            betas=(cfg['beta1'], cfg['beta2']), fused=device.type == 'cuda')
-    return model, ema, opt
+    return model, ema, make_optimizers(model, cfg, lr, fused=device.type == 'cuda')
 
 
-def train(cfg, run, batch, model, ema, opt, ds, step, train_cfg, sample_grid):
+def train(cfg, run, batch, model, ema, opts, ds, step, train_cfg, sample_grid):
     """Stage 4: optimizer steps (one global batch each, then the EMA) from `step` to the end
     of the schedule; logs, checkpoints every --ckpt-every steps and at the end. Ctrl-C on
     any rank: finish the step, save, exit. Returns the last step."""
@@ -452,7 +471,7 @@ def train(cfg, run, batch, model, ema, opt, ds, step, train_cfg, sample_grid):
     while step < total_steps and not _any_rank(stop['now'], run.ddp, device):
         epoch = step // steps_per_epoch
         lr = lr_at(step / steps_per_epoch, batch.lr, cfg['min_lr'], cfg['warmup_epochs'], cfg['epochs'])
-        for group in opt.param_groups:
+        for group in (g for opt in opts for g in opt.param_groups):
             group['lr'] = lr
         if epoch != order_epoch:
             order, order_epoch = epoch_order(len(ds), cfg['seed'], epoch), epoch
@@ -463,8 +482,9 @@ def train(cfg, run, batch, model, ema, opt, ds, step, train_cfg, sample_grid):
                              f"saving. The last good checkpoint is {run.ckpt_path}. With --precision bf16 "
                              "try fp32 (the authors report NaNs with mixed precision), or lower --lr.")
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'] or float('inf'))
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         update_ema(ema, model, ema_decay(cfg['ema'], step))  # warm-up: see ema_decay
         step += 1
         n_log += B
@@ -487,11 +507,11 @@ def train(cfg, run, batch, model, ema, opt, ds, step, train_cfg, sample_grid):
                 log_file.flush()
             t_log, n_log = time.time(), 0
         if step % cfg['ckpt_every'] == 0:
-            save_checkpoint(run, model, ema, opt, step, step // steps_per_epoch, train_cfg)
+            save_checkpoint(run, model, ema, opts, step, step // steps_per_epoch, train_cfg)
         if run.master and cfg['sample_every'] and step % cfg['sample_every'] == 0:
             sample_grid(os.path.join(cfg['out'], f'samples_{step:07d}.png'))
 
-    save_checkpoint(run, model, ema, opt, step, step // steps_per_epoch, train_cfg)
+    save_checkpoint(run, model, ema, opts, step, step // steps_per_epoch, train_cfg)
     signal.signal(signal.SIGINT, previous_handler)
     if stop['now']:
         log(f"[interrupted] checkpoint saved at step {step}: {run.ckpt_path}; rerun the same command to resume")
@@ -577,7 +597,7 @@ def _cleanup(ddp):
         dist.destroy_process_group()
 
 
-def resume(run, train_cfg, model, ema, opt):
+def resume(run, train_cfg, model, ema, opts):
     """Load run.ckpt_path if it exists: weights, EMA, optimizer, step and this rank's RNG
     state (exact resume). A fresh run seeds each rank instead. Returns the step to start at."""
     if not os.path.exists(run.ckpt_path):
@@ -587,7 +607,8 @@ def resume(run, train_cfg, model, ema, opt):
     check_resume_config(ck['config'], train_cfg, model.config, run.ckpt_path)
     model.load_state_dict(ck['model'])
     ema.load_state_dict(ck['ema'])
-    opt.load_state_dict(ck['optimizer'])
+    for opt, state in zip(opts, ck['optimizers']):
+        opt.load_state_dict(state)
     step = int(ck['step'])
     rng = ck['rng'][run.rank] if run.rank < len(ck['rng']) else ck['rng'][0]
     torch.set_rng_state(rng['torch'])
@@ -597,7 +618,7 @@ def resume(run, train_cfg, model, ema, opt):
     return step
 
 
-def save_checkpoint(run, model, ema, opt, step, epoch, config):
+def save_checkpoint(run, model, ema, opts, step, epoch, config):
     """run.ckpt_path <- weights, EMA, optimizer, step, config, every rank's RNG (call on all ranks)."""
     rng = {'torch': torch.get_rng_state()}
     if run.device.type == 'cuda':
@@ -606,7 +627,7 @@ def save_checkpoint(run, model, ema, opt, step, epoch, config):
     if run.ddp:  # every rank's (all_gather_object overwrites the list)
         dist.all_gather_object(rngs, rng)
     if run.master:  # never lose a checkpoint: temp file, then rename
-        data.atomic_save({'model': model.state_dict(), 'ema': ema.state_dict(), 'optimizer': opt.state_dict(),
+        data.atomic_save({'model': model.state_dict(), 'ema': ema.state_dict(), 'optimizers': [opt.state_dict() for opt in opts],
                           'step': step, 'epoch': epoch, 'config': config, 'rng': rngs}, run.ckpt_path)
 
 
