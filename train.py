@@ -395,7 +395,7 @@ def main(argv=None):
     ds, vae, vae_path, scale_factor, class_names = prepare_latents(cfg, run.rank, run.world_size, run.device, run.log)
     cfg.update(vae_fingerprint=ds.header['vae_fingerprint'], vae_path=vae_path)
 
-    # --- stage 4: model, EMA, optimizer; resume; train ---
+    # --- stage 4: model, EMA, optimizers; resume; train ---
     model, ema, opts = build_model(cfg, ds.latent_shape, len(class_names), batch.lr, run.device)
     if len(ds) < batch.size:
         raise SystemExit(f"the dataset has {len(ds)} items, fewer than one batch of {batch.size}")
@@ -598,7 +598,7 @@ def _cleanup(ddp):
 
 
 def resume(run, train_cfg, model, ema, opts):
-    """Load run.ckpt_path if it exists: weights, EMA, optimizer, step and this rank's RNG
+    """Load run.ckpt_path if it exists: weights, EMA, optimizers, step and this rank's RNG
     state (exact resume). A fresh run seeds each rank instead. Returns the step to start at."""
     if not os.path.exists(run.ckpt_path):
         torch.manual_seed(train_cfg['seed'] + run.rank)  # per-rank seed (dropout inside the model)
@@ -607,7 +607,7 @@ def resume(run, train_cfg, model, ema, opts):
     check_resume_config(ck['config'], train_cfg, model.config, run.ckpt_path)
     model.load_state_dict(ck['model'])
     ema.load_state_dict(ck['ema'])
-    for opt, state in zip(opts, ck['optimizers']):
+    for opt, state in zip(opts, ck['optimizers'], strict=True):  # same --optimizer: checked above
         opt.load_state_dict(state)
     step = int(ck['step'])
     rng = ck['rng'][run.rank] if run.rank < len(ck['rng']) else ck['rng'][0]
@@ -619,7 +619,7 @@ def resume(run, train_cfg, model, ema, opts):
 
 
 def save_checkpoint(run, model, ema, opts, step, epoch, config):
-    """run.ckpt_path <- weights, EMA, optimizer, step, config, every rank's RNG (call on all ranks)."""
+    """run.ckpt_path <- weights, EMA, optimizers, step, config, every rank's RNG (call on all ranks)."""
     rng = {'torch': torch.get_rng_state()}
     if run.device.type == 'cuda':
         rng['cuda'] = torch.cuda.get_rng_state(run.device)
@@ -627,8 +627,9 @@ def save_checkpoint(run, model, ema, opts, step, epoch, config):
     if run.ddp:  # every rank's (all_gather_object overwrites the list)
         dist.all_gather_object(rngs, rng)
     if run.master:  # never lose a checkpoint: temp file, then rename
-        data.atomic_save({'model': model.state_dict(), 'ema': ema.state_dict(), 'optimizers': [opt.state_dict() for opt in opts],
-                          'step': step, 'epoch': epoch, 'config': config, 'rng': rngs}, run.ckpt_path)
+        data.atomic_save({'model': model.state_dict(), 'ema': ema.state_dict(),
+                          'optimizers': [opt.state_dict() for opt in opts], 'step': step, 'epoch': epoch,
+                          'config': config, 'rng': rngs}, run.ckpt_path)
 
 
 if __name__ == '__main__':
