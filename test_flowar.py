@@ -971,6 +971,9 @@ def test_vd_train_lowers_loss_and_resumes_exactly(tmp_path):
     model_a, scale_a = vae.load_vae(a)
     assert vae.evaluate_psnr(model_a, images) > psnr_init + 3.0
     assert np.isfinite(scale_a) and scale_a > 0
+    with torch.no_grad():                # the latent channels were standardized at the end
+        means = model_a.encode(data.to_float(torch.from_numpy(images))).mean       # (24, C, h, w)
+    assert means.mean(dim=(0, 2, 3)).abs().max() < 1e-4 and (means.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-4
     # interrupted run: stop after step 5 (state saved), then resume to the end
     b = str(tmp_path / 'b' / 'vae.pt')
     vae.train_vae(images, b, stop_at_step=5, **kw)
@@ -983,6 +986,58 @@ def test_vd_train_lowers_loss_and_resumes_exactly(tmp_path):
     grid = str(tmp_path / 'recon.png')
     vae.save_recon_grid(model_b, images, grid, n=4)
     assert Image.open(grid).size == (4 * 16, 2 * 16)
+
+
+def test_vd_standardize_latent_channels_keeps_reconstructions():
+    images, _ = data.make_shapes(64, seed=0, size=16)
+    model = _vd_tiny_vae(seed=0, ch_mult=[1, 2], resolution=16)
+    with torch.no_grad():
+        model.quant_conv.bias[:4] += torch.tensor([3.0, -2.0, 0.5, 1.0])   # offsets, as training leaves
+        x = data.to_float(torch.from_numpy(images))
+        post0 = model.encode(x)
+        rec0 = model.decode(post0.mean)
+        m, s = vae.standardize_latent_channels(model, images, max_images=64)
+        post1 = model.encode(x)
+        rec1 = model.decode(post1.mean)
+    assert torch.allclose(rec1, rec0, atol=1e-5)                           # same reconstructions
+    assert post1.mean.mean(dim=(0, 2, 3)).abs().max() < 1e-4                # channel means 0 ...
+    assert (post1.mean.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-4           # ... and sds 1
+    assert torch.allclose(post1.std, post0.std / s[None, :, None, None], rtol=1e-4)  # the posterior scaled alike
+    assert torch.allclose(post1.mean, (post0.mean - m[None, :, None, None]) / s[None, :, None, None], atol=1e-5)
+
+
+def test_vd_conv_muon_orthogonalises_with_momentum_at_adam_rms():
+    torch.manual_seed(0)
+    model = vae.AutoencoderKL(vae.PRESETS['cifar'])
+    names = {id(p): n for n, p in model.named_parameters()}
+    (adam,) = vae.make_vae_optimizers(model, 1e-3, 'adam')
+    assert isinstance(adam, torch.optim.Adam) and len(adam.param_groups[0]['params']) == len(names)
+    muon, adam = vae.make_vae_optimizers(model, 1e-3, 'muon')
+    on_muon = {names[id(p)] for g in muon.param_groups for p in g['params']}
+    on_adam = {names[id(p)] for g in adam.param_groups for p in g['params']}
+    assert not on_muon & on_adam and on_muon | on_adam == set(names.values())   # each parameter once
+    assert 'encoder.down.0.block.0.conv1.weight' in on_muon and 'decoder.mid.attn_1.q.weight' in on_muon
+    for first_last_latent in ('encoder.conv_in.weight', 'encoder.conv_out.weight', 'quant_conv.weight',
+                              'post_quant_conv.weight', 'decoder.conv_in.weight', 'decoder.conv_out.weight'):
+        assert first_last_latent in on_adam
+    # Newton-Schulz maps a random matrix (tall or wide) to singular values near 1
+    for shape in ((64, 288), (288, 64)):
+        sv = torch.linalg.svdvals(vae.ConvMuon.orthogonalize(torch.randn(shape)).float())
+        assert sv.min() > 0.5 and sv.max() < 1.5, (shape, sv.min(), sv.max())
+    # step 1 moves against the gradient with the RMS of an Adam step (0.2 lr); step 2 with a
+    # zero gradient still moves, by the momentum alone
+    w = model.encoder.down[0].block[0].conv1.weight
+    g = torch.randn_like(w)
+    w0 = w.detach().clone()
+    w.grad = g
+    muon.step()
+    d1 = w.detach() - w0
+    assert 0.13e-3 < d1.pow(2).mean().sqrt().item() < 0.23e-3
+    assert torch.nn.functional.cosine_similarity(d1.flatten(), -g.flatten(), dim=0) > 0.3
+    w.grad = torch.zeros_like(w)
+    muon.step()
+    d2 = w.detach() - w0 - d1
+    assert torch.nn.functional.cosine_similarity(d2.flatten(), d1.flatten(), dim=0) > 0.99
 
 
 def test_vd_train_bf16_steps_run_under_autocast_and_learn(tmp_path, monkeypatch):

@@ -56,7 +56,8 @@ _IMAGENET = dict(
     min_lr=1e-5, epochs=400.0, warmup_epochs=100.0, max_steps=0,
     optimizer='adamw', weight_decay=0.02, beta1=0.9, beta2=0.95, grad_clip=3.0, ema=0.9999, label_drop=0.1,
     grad_ckpt=False, precision='fp32', compile=False, scale_weighting='tokens',
-    init='released', t_sampling='uniform', vae_max_steps=0, vae_batch_size=64, cache_batch_size=64,
+    init='released', t_sampling='uniform', vae_max_steps=0, vae_batch_size=64, vae_optimizer='adam',
+    cache_batch_size=64,
     cache_flips=True,
     log_every=100, ckpt_every=5000, sample_every=0, num_sample_classes=10,
     seed=0, device='',
@@ -75,7 +76,8 @@ PRESETS = {
         blr=0.0, lr=2e-3, min_lr=1e-5, epochs=2.5, warmup_epochs=0.1, max_steps=0,
         optimizer='muon', weight_decay=0.02, beta1=0.9, beta2=0.95, grad_clip=3.0, ema=0.999, label_drop=0.1,
         grad_ckpt=False, precision='auto', compile=False, scale_weighting='tokens',
-        init='released', t_sampling='logit-normal', vae_max_steps=3300, vae_batch_size=16, cache_batch_size=256,
+        init='released', t_sampling='logit-normal', vae_max_steps=3000, vae_batch_size=16, vae_optimizer='muon',
+        cache_batch_size=256,
         cache_flips=False,
         log_every=50, ckpt_every=500, sample_every=0, num_sample_classes=10,
         seed=0, device='',
@@ -119,6 +121,7 @@ HELP = {
     't_sampling': "training time steps t per scale: 'uniform' (released) or 'logit-normal' (sigmoid of N(0, 1), SD3)",
     'vae_max_steps': 'training steps of the small VAE (toy pipeline, when no --vae is given)',
     'vae_batch_size': 'batch size of the VAE training',
+    'vae_optimizer': "'adam', or 'muon': Muon on the VAE's inner convolutions, Adam on the rest (vae.make_vae_optimizers)",
     'cache_batch_size': 'batch size when encoding images into the latent cache',
     'cache_flips': 'also cache the latents of the horizontally flipped images (flip augmentation; 2x the encoding time)',
     'log_every': 'steps between log lines', 'ckpt_every': 'steps between checkpoints',
@@ -169,6 +172,7 @@ def parse_args(argv=None):
         (cfg['t_sampling'] in ('uniform', 'logit-normal'), "--t-sampling must be uniform or logit-normal"),
         (cfg['optimizer'] in ('adamw', 'muon'), "--optimizer must be adamw or muon"),
         (cfg['vae_max_steps'] >= 0, "--vae-max-steps must be >= 0"),
+        (cfg['vae_optimizer'] in ('adam', 'muon'), "--vae-optimizer must be adam or muon"),
         (cfg['log_every'] > 0 and cfg['ckpt_every'] > 0 and cfg['sample_every'] >= 0,
          "--log-every and --ckpt-every must be > 0, --sample-every >= 0"),
         (cfg['dataset'] != 'imagenet' or (cfg['data_dir'] and cfg['vae']),
@@ -340,7 +344,7 @@ def prepare_latents(cfg, rank, world_size, device, log):
                 f"({vae_lib.resolve_precision(cfg['precision'], device)}) -> {vae_path}")
             vae_lib.train_vae(images, vae_path, steps=cfg['vae_max_steps'], batch_size=cfg['vae_batch_size'],
                               device=device, seed=cfg['seed'], log_every=max(cfg['log_every'], 100),
-                              precision=cfg['precision'])
+                              precision=cfg['precision'], optimizer=cfg['vae_optimizer'])
             trained, _ = vae_lib.load_vae(vae_path, device=device)
             if cfg['dataset'] == 'cifar10':  # held-out quality: PSNR on 2,000 test images
                 test = data.load_cifar10(cfg['data_dir'], train=False)[0][:2000]
@@ -357,7 +361,8 @@ def prepare_latents(cfg, rank, world_size, device, log):
     data.build_latent_cache(vae, images, labels, cache, scale_factor=scale_factor,
                             batch_size=cfg['cache_batch_size'], device=device, rank=rank,
                             world_size=world_size, barrier=dist.barrier if world_size > 1 else None,
-                            dataset_name=cfg['dataset'], flips=cfg['cache_flips'])
+                            dataset_name=cfg['dataset'], flips=cfg['cache_flips'],
+                            precision=vae_lib.resolve_precision(cfg['precision'], device))
     log(f"[stage latents] {cache} ready ({time.time() - t0:.0f}s)")
     ds = data.LatentDataset(cache, vae_fingerprint=data.vae_fingerprint(vae))
     return ds, vae, vae_path, scale_factor, class_names
