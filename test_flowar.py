@@ -996,14 +996,17 @@ def test_vd_standardize_latent_channels_keeps_reconstructions():
         x = data.to_float(torch.from_numpy(images))
         post0 = model.encode(x)
         rec0 = model.decode(post0.mean)
-        m, s = vae.standardize_latent_channels(model, images, max_images=64)
+        m, s, scale = vae.standardize_latent_channels(model, images, max_images=64)
         post1 = model.encode(x)
         rec1 = model.decode(post1.mean)
+        g = torch.Generator().manual_seed(0)
+        z = torch.cat([post1.mean + post1.std * torch.randn(post1.mean.shape, generator=g) for _ in range(20)])
     assert torch.allclose(rec1, rec0, atol=1e-5)                           # same reconstructions
     assert post1.mean.mean(dim=(0, 2, 3)).abs().max() < 1e-4                # channel means 0 ...
     assert (post1.mean.std(dim=(0, 2, 3)) - 1).abs().max() < 1e-4           # ... and sds 1
     assert torch.allclose(post1.std, post0.std / s[None, :, None, None], rtol=1e-4)  # the posterior scaled alike
     assert torch.allclose(post1.mean, (post0.mean - m[None, :, None, None]) / s[None, :, None, None], atol=1e-5)
+    assert post1.std.mean() > 0.3 and abs(scale * z.std() - 1) < 0.01   # MAR's 1 / std(z), closed form
 
 
 def test_vd_conv_muon_orthogonalises_with_momentum_at_adam_rms():

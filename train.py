@@ -77,7 +77,7 @@ PRESETS = {
         blr=0.0, lr=2e-3, min_lr=1e-5, epochs=2.5, warmup_epochs=0.1, max_steps=0,
         optimizer='muon', weight_decay=0.02, beta1=0.9, beta2=0.95, grad_clip=3.0, ema=0.999, label_drop=0.1,
         grad_ckpt=False, precision='auto', compile=False, scale_weighting='tokens',
-        init='released', t_sampling='logit-normal', vae_max_steps=3000, vae_batch_size=16, vae_optimizer='muon',
+        init='released', t_sampling='logit-normal', vae_max_steps=2800, vae_batch_size=16, vae_optimizer='muon',
         cache_batch_size=256,
         cache_flips=False,
         log_every=50, ckpt_every=500, sample_every=0, num_sample_classes=10,

@@ -471,22 +471,6 @@ def save_recon_grid(model, images, path, n=16, device='cpu'):
     return path
 
 
-@torch.no_grad()
-def measure_scale_factor(model, images, batch_size=256, device='cpu', max_images=10000, seed=0):
-    """1 / std of posterior samples over (up to max_images of) images; no mean shift,
-    the same recipe as MAR's 0.2325."""
-    model.eval()
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(images), generator=g)[:max_images].sort().values.numpy()
-    zs = []
-    for i in range(0, len(idx), batch_size):
-        x = data.to_float(torch.as_tensor(np.asarray(images)[idx[i:i + batch_size]]).to(device))
-        post = model.encode(x)
-        eps = torch.randn(post.mean.shape, generator=g).to(device)  # CPU generator: same on any device
-        zs.append((post.mean + post.std * eps).flatten().cpu())
-    return float(1.0 / torch.cat(zs).std())
-
-
 class ConvMuon(torch.optim.Optimizer):
     """Muon (Jordan et al. 2024) for convolution weights (out, in, k, k), which
     torch.optim.Muon (2-D matrices only) refuses: Nesterov momentum 0.95, the update seen
@@ -537,7 +521,8 @@ def make_vae_optimizers(model, lr, optimizer='muon'):
 
 
 @torch.no_grad()
-def standardize_latent_channels(model, images, batch_size=256, device='cpu', max_images=10000, seed=0):
+def standardize_latent_channels(model, images, batch_size=256, device='cpu', max_images=10000, seed=0,
+                                precision='fp32'):
     """Give every latent channel mean 0 and sd 1 over (up to max_images of) images, by
     folding an affine map into the 1x1 convs around the latent: the encoder's quant_conv
     then outputs mean' = (mean - m_c) / s_c and logvar' = logvar - 2 log s_c, and
@@ -545,13 +530,21 @@ def standardize_latent_channels(model, images, batch_size=256, device='cpu', max
     Why: the toy VAE's channels come out of training with arbitrary offsets and spreads
     (means up to 1.2 and sds 0.35-1.2 after the global scale factor, differing by seed),
     while flow matching starts every channel from N(0, 1); SD3 shifts and scales its
-    latent for the same reason. Returns (m, s), each (C,)."""
+    latent for the same reason. The encoder runs once, in bf16 autocast where precision is
+    'bf16' (as the latent cache is encoded). Returns (m, s, scale_factor): m and s are (C,);
+    scale_factor is MAR's recipe, 1 / std of posterior samples z' = mean' + std' * eps, in
+    closed form (Var z' = Var mean' + E std'^2, no eps drawn); about 1, since std' << 1."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(images), generator=g)[:max_images].sort().values.numpy()
-    means = torch.cat([model.encode(data.to_float(torch.as_tensor(np.asarray(images)[idx[i:i + batch_size]])
-                                                  .to(device))).mean.cpu()
-                       for i in range(0, len(idx), batch_size)])                  # (N, C, h, w)
+    means, logvars = [], []
+    for i in range(0, len(idx), batch_size):
+        x = data.to_float(torch.as_tensor(np.asarray(images)[idx[i:i + batch_size]]).to(device))
+        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=precision == 'bf16'):
+            post = model.encode(x)
+        means.append(post.mean.float().cpu())
+        logvars.append(post.logvar.float().cpu())
+    means, logvars = torch.cat(means), torch.cat(logvars)                           # (N, C, h, w) each
     m, s = means.mean(dim=(0, 2, 3)), means.std(dim=(0, 2, 3))                     # (C,) each
     C = len(m)
     q, p = model.quant_conv, model.post_quant_conv
@@ -561,7 +554,10 @@ def standardize_latent_channels(model, images, batch_size=256, device='cpu', max
     q.weight[:C] /= sd[:, None, None, None]                   # mean' = (mean - m) / s
     q.bias[:C] = (q.bias[:C] - md) / sd
     q.bias[C:] -= 2 * sd.log()                                # logvar' = logvar - 2 log s
-    return m, s
+    mean_std = (means - m[None, :, None, None]) / s[None, :, None, None]          # mean', as now encoded
+    var_std = (logvars - 2 * s.log()[None, :, None, None]).exp()                    # std'^2
+    scale_factor = float(1.0 / (mean_std.var() + var_std.mean()).sqrt())
+    return m, s, scale_factor
 
 
 def train_state_path(out_path):
@@ -654,8 +650,8 @@ def train_vae(images, out_path, *, steps=3000, batch_size=64, lr=2e-3, device='c
     after step stop_at_step (a deterministic interruption, for chunked runs and tests).
     The training state is saved every ckpt_every steps and at the end to
     train_state_path(out_path); with resume=True a later call continues from it. Finally
-    the latent channels are standardized (standardize_latent_channels), the scale factor
-    measured (then about 1) and the model saved with save_vae. Returns out_path.
+    the latent channels are standardized and the scale factor measured (then about 1) in one
+    pass (standardize_latent_channels), and the model saved with save_vae. Returns out_path.
     """
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"train_vae wants uint8 images of shape (N, H, W, 3), got "
@@ -713,8 +709,8 @@ def train_vae(images, out_path, *, steps=3000, batch_size=64, lr=2e-3, device='c
     train_time = time.time() - t0
     _save_train_state(state_path, model, opts, step, data_gen, device)
 
-    m, s = standardize_latent_channels(model, images, device=device, seed=seed)
-    scale_factor = measure_scale_factor(model, images, device=device, seed=seed)   # now ~1
+    m, s, scale_factor = standardize_latent_channels(model, images, device=device, seed=seed,
+                                                     precision='bf16' if bf16 else 'fp32')
     print(f"[vae] trained to step {step} ({train_time:.0f}s in this call); latent channels "
           f"standardized (means {' '.join(f'{v:.2f}' for v in m)}, sds {' '.join(f'{v:.2f}' for v in s)}); "
           f"scale factor {scale_factor:.4f}")
