@@ -1027,6 +1027,10 @@ def test_vd_conv_muon_orthogonalises_with_momentum_at_adam_rms():
     for shape in ((64, 288), (288, 64)):
         sv = torch.linalg.svdvals(vae.ConvMuon.orthogonalize(torch.randn(shape)).float())
         assert sv.min() > 0.5 and sv.max() < 1.5, (shape, sv.min(), sv.max())
+    # a stack (how step() batches weights of one shape) is orthogonalised matrix by matrix
+    gs = torch.randn(3, 64, 288) * torch.tensor([1.0, 100.0, 0.01])[:, None, None]
+    for i in range(3):
+        assert torch.allclose(vae.ConvMuon.orthogonalize(gs)[i], vae.ConvMuon.orthogonalize(gs[i]), atol=2e-3)
     # step 1 moves against the gradient with the RMS of an Adam step (0.2 lr); step 2 with a
     # zero gradient still moves, by the momentum alone
     w = model.encoder.down[0].block[0].conv1.weight
