@@ -65,11 +65,11 @@ _IMAGENET = dict(
 
 PRESETS = {
     # The CPU toy: a 1.9M-parameter FlowAR on 4x8x8 latents of a small VAE trained here.
-    # Sized for 20 minutes on 2 CPU cores with native bf16 (precision 'auto'; about 26 in
-    # fp32): 20.0 min in a slow hour = VAE 10.3 min (3,000 steps of batch 16, Muon, 26.8 dB;
-    # more updates on the same images beat bigger batches; latent channels standardized),
-    # latent cache 0.6 min (bf16, no flipped copies), FlowAR 9.1 min (2.5 epochs, scales
-    # {1, 8}, logit-normal t, Muon). 0.833 / FD 0.97x the 8x8-blurred images (README).
+    # Sized for 20 minutes on 2 CPU cores with native bf16 (precision 'auto'; about 23 in
+    # fp32, estimated): 18.5 min = VAE 8.3 min (2,800 steps of batch 16, Muon, 26.9 dB; more updates
+    # on the same images beat bigger batches; latent channels standardized), latent cache
+    # 0.75 min (bf16, no flipped copies), FlowAR 9.4 min (2.5 epochs, scales {1, 8},
+    # logit-normal t, Muon). 0.823 / FD 1.06x the 8x8-blurred images (README).
     # The README's "What makes the toy work" has the measurements behind them.
     'cifar-toy': dict(
         model='toy', dataset='cifar10', data_dir='data', out='out/cifar-toy', vae='',

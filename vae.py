@@ -504,8 +504,8 @@ class ConvMuon(torch.optim.Optimizer):
             for p in group['params']:
                 if p.grad is not None:
                     same_shape.setdefault(p.shape, []).append(p)
-            # weights of one shape are orthogonalised as one stack: the same result, and
-            # 1.6x faster on the toy VAE (52 kernels of 7 shapes) than one by one, bit for bit
+            # weights of one shape are orthogonalised as one stack: bit for bit the result of
+            # one by one, and 1.6x faster on the toy VAE (52 kernels of 7 shapes)
             for ps in same_shape.values():
                 bufs = [self.state[p].setdefault('momentum_buffer', torch.zeros_like(p)) for p in ps]
                 for p, buf in zip(ps, bufs):
