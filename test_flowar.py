@@ -772,6 +772,9 @@ def test_bad_cli_values_are_refused(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(['--preset', 'imagenet-S'])
     assert '--data-dir' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train.parse_args(['--vae-optimizer', 'sgd'])
+    assert '--vae-optimizer must be adam or muon' in capsys.readouterr().err
     cfg = train.parse_args(['--preset', 'imagenet-L', '--data-dir', 'x', '--vae', 'y'])
     assert cfg['grad_ckpt'] and cfg['batch_size'] == 2048 and cfg['blr'] * 2048 / 256 == 4e-4
 
@@ -1015,6 +1018,8 @@ def test_vd_conv_muon_orthogonalises_with_momentum_at_adam_rms():
     names = {id(p): n for n, p in model.named_parameters()}
     (adam,) = vae.make_vae_optimizers(model, 1e-3, 'adam')
     assert isinstance(adam, torch.optim.Adam) and len(adam.param_groups[0]['params']) == len(names)
+    with pytest.raises(ValueError, match="'adam' or 'muon'"):
+        vae.make_vae_optimizers(model, 1e-3, 'sgd')
     muon, adam = vae.make_vae_optimizers(model, 1e-3, 'muon')
     on_muon = {names[id(p)] for g in muon.param_groups for p in g['params']}
     on_adam = {names[id(p)] for g in adam.param_groups for p in g['params']}
@@ -1234,6 +1239,19 @@ def test_vd_latent_cache(tmp_path, monkeypatch):
     expect = 0.7 * (m0 + m1) / 2
     var = 0.7 ** 2 * ((v0 + v1) / 2 + (m0 - m1) ** 2 / 4)             # variance of the mixture
     assert ((zs.mean(0) - expect).abs() <= 5 * (var / n).sqrt() + 1e-6).all()
+
+
+def test_vd_latent_cache_in_bf16_is_close_to_fp32_and_stored_fp32(tmp_path):
+    # precision='bf16' encodes under autocast (the toy's cache): the means differ from the
+    # fp32 ones (autocast took effect) by a small fraction of their spread
+    images, labels = data.make_shapes(8, seed=0)
+    m = _vd_tiny_vae(seed=0)
+    kw = dict(scale_factor=1.0, batch_size=8, device='cpu', flips=False)
+    data.build_latent_cache(m, images, labels, str(tmp_path / 'fp32'), **kw)
+    data.build_latent_cache(m, images, labels, str(tmp_path / 'bf16'), precision='bf16', **kw)
+    a, b = (np.load(str(tmp_path / p / 'moments.npy'))[:, 0, :4] for p in ('fp32', 'bf16'))
+    assert b.dtype == np.float32 and not np.array_equal(a, b)
+    assert np.abs(a - b).mean() < 0.02 * a.std() and np.abs(a - b).max() < 0.1 * a.std()
 
 
 def test_vd_latent_cache_without_flips(tmp_path):

@@ -520,6 +520,8 @@ def make_vae_optimizers(model, lr, optimizer='muon'):
     """[Adam], or for 'muon' [ConvMuon on the inner convolutions (at least 16 channels in
     and out: not the first and last layers, nor the 1x1 maps to and from the 4-channel
     latent), Adam on the rest (those, the norms, the biases)]."""
+    if optimizer not in ('adam', 'muon'):
+        raise ValueError(f"optimizer must be 'adam' or 'muon', got {optimizer!r}")
     if optimizer == 'adam':
         return [torch.optim.Adam(model.parameters(), lr=lr)]
     is_muon = lambda p: p.ndim == 4 and p.shape[0] >= 16 and p.shape[1] >= 16
@@ -537,7 +539,8 @@ def standardize_latent_channels(model, images, batch_size=256, device='cpu', max
     Why: the toy VAE's channels come out of training with arbitrary offsets and spreads
     (means up to 1.2 and sds 0.35-1.2 after the global scale factor, differing by seed),
     while flow matching starts every channel from N(0, 1); SD3 shifts and scales its
-    latent for the same reason. The encoder runs once, in bf16 autocast where precision is
+    latent for the same reason. TOY ONLY: MAR's KL-16 (the released models' VAE) keeps one
+    global factor, 0.2325, and no shift; this runs only in train_vae. The encoder runs once, in bf16 autocast where precision is
     'bf16' (as the latent cache is encoded). Returns (m, s, scale_factor): m and s are (C,);
     scale_factor is MAR's recipe, 1 / std of posterior samples z' = mean' + std' * eps, in
     closed form (Var z' = Var mean' + E std'^2, no eps drawn); about 1, since std' << 1."""
@@ -669,8 +672,6 @@ def train_vae(images, out_path, *, steps=3000, batch_size=64, lr=2e-3, device='c
     bf16 = resolve_precision(precision, device) == 'bf16'
     torch.manual_seed(seed)                        # model init and the posterior noise
     model = AutoencoderKL(config if config is not None else PRESETS[preset]).to(device)
-    if optimizer not in ('adam', 'muon'):
-        raise ValueError(f"optimizer must be 'adam' or 'muon', got {optimizer!r}")
     opts = make_vae_optimizers(model, lr, optimizer)
     data_gen = torch.Generator().manual_seed(seed + 1)  # batch indices and flips (CPU)
     state_path = train_state_path(out_path)
