@@ -36,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 # ==== Presets ===========================================================================
 # S, L and H are the released factories (same parameter counts); B is the paper's ~300M size
 # (no released weights); toy (1.9M parameters) is for CIFAR-10 latents (4 x 8 x 8) on 2 CPU
-# cores, ~7 minutes: at that budget a small model that sees more images beats a bigger one.
+# cores, ~9 minutes: at that budget a small model that sees more images beats a bigger one.
 
 _COMMON = dict(mlp_ratio=4.0, rope_theta=10000.0, grad_checkpointing=False,
                scale_weighting='tokens', init='released')

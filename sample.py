@@ -307,6 +307,10 @@ def _check_args(parser, args):
                      "--vae PATH/kl16.ckpt (MAR's KL-16 VAE)")
     if args.model is not None and args.official is None:
         parser.error("--model only applies to --official; a --ckpt knows its own model")
+    for flag in ('ckpt', 'official', 'vae'):
+        path = getattr(args, flag)
+        if path is not None and not os.path.isfile(path):
+            parser.error(f"--{flag} {path!r}: no such file")
     if (args.num_images is None) != (args.npz is None):
         parser.error("--num-images and --npz go together")
     if args.npz is not None and (args.show_scales or args.classes or args.per_class or args.out):

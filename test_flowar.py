@@ -775,6 +775,8 @@ def test_bad_cli_values_are_refused(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(['--vae-optimizer', 'sgd'])
     assert '--vae-optimizer must be adam or muon' in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--vae 'nope.pt': no such file"):
+        train.main(['--vae', 'nope.pt'])
     cfg = train.parse_args(['--preset', 'imagenet-L', '--data-dir', 'x', '--vae', 'y'])
     assert cfg['grad_ckpt'] and cfg['batch_size'] == 2048 and cfg['blr'] * 2048 / 256 == 4e-4
 
@@ -1470,6 +1472,10 @@ def test_smp_checkpoint_errors(smp_files, capsys):
     with pytest.raises(SystemExit):
         sample.main(['--official', str(d / 'x.pth'), '--vae', smp_files['vae']])
     assert '--official needs --model' in capsys.readouterr().err
+    for args in (['--ckpt', str(d / 'nope.pt')], ['--ckpt', smp_files['ckpt'], '--vae', str(d / 'nope.pt')]):
+        with pytest.raises(SystemExit):  # a missing path is a parser error, not a traceback
+            sample.main(args)
+        assert 'nope.pt' in capsys.readouterr().err
 
 
 def test_smp_ema_is_the_default(smp_files):

@@ -394,6 +394,8 @@ def write_sample_grid(model, vae, scale_factor, path, num_classes, per_class=8, 
 def main(argv=None):
     """A run, stage by stage (top of this file); rerunning it skips what exists, resumes the rest."""
     cfg = parse_args(argv)
+    if cfg['vae'] and not os.path.isfile(cfg['vae']):
+        raise SystemExit(f"--vae {cfg['vae']!r}: no such file (a vae.pt of `python vae.py`, or MAR's kl16.ckpt)")
     run = setup_distributed(cfg)              # device, rank, world size, log(); OUT/ exists
     batch = split_batch(cfg, run.world_size)  # checked before the long stages 1-3
 

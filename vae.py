@@ -736,8 +736,8 @@ def main():
     p.add_argument('--data-dir', default='data', help="folder holding cifar-10-batches-py/ "
                    "or cifar-10-python.tar.gz (downloaded there if neither exists)")
     p.add_argument('--out', default='out/vae', help='writes OUT/vae.pt and OUT/vae_recon.png')
-    p.add_argument('--steps', type=int, default=3000, help='training steps')
-    p.add_argument('--batch-size', type=int, default=64, help='images per step')
+    p.add_argument('--steps', type=int, default=2800, help='training steps (the toy VAE of train.py)')
+    p.add_argument('--batch-size', type=int, default=16, help='images per step (the toy VAE of train.py)')
     p.add_argument('--lr', type=float, default=2e-3, help='peak lr (warm-up, then cosine to 10%%)')
     p.add_argument('--optimizer', choices=['adam', 'muon'], default='muon',
                    help="'adam', or 'muon': Muon on the inner convolutions, Adam on the rest (make_vae_optimizers)")
