@@ -307,10 +307,6 @@ def _check_args(parser, args):
                      "--vae PATH/kl16.ckpt (MAR's KL-16 VAE)")
     if args.model is not None and args.official is None:
         parser.error("--model only applies to --official; a --ckpt knows its own model")
-    for flag in ('ckpt', 'official', 'vae'):
-        path = getattr(args, flag)
-        if path is not None and not os.path.isfile(path):
-            parser.error(f"--{flag} {path!r}: no such file")
     if (args.num_images is None) != (args.npz is None):
         parser.error("--num-images and --npz go together")
     if args.npz is not None and (args.show_scales or args.classes or args.per_class or args.out):
@@ -328,8 +324,11 @@ def main(argv=None):
     distributed, rank, world_size, device = _init_distributed(parser, args)
     log = print if rank == 0 else (lambda *a, **k: None)
 
-    model, preset, dataset, vae_path, trained_sf = _load_model(args, device, log)
-    vae, scale_factor = load_vae(vae_path, device=device)
+    try:
+        model, preset, dataset, vae_path, trained_sf = _load_model(args, device, log)
+        vae, scale_factor = load_vae(vae_path, device=device)
+    except FileNotFoundError as err:  # a wrong path is a usage error: the loader's message, no traceback
+        parser.error(str(err))
     check_vae(model, vae)
     if trained_sf is not None and abs(trained_sf - scale_factor) > 1e-6 * abs(trained_sf):
         raise ValueError(f"the model was trained on latents scaled by {trained_sf} but the VAE "

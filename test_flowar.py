@@ -775,9 +775,10 @@ def test_bad_cli_values_are_refused(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(['--vae-optimizer', 'sgd'])
     assert '--vae-optimizer must be adam or muon' in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="--vae 'nope.pt': no such file"):
-        train.main(['--vae', 'nope.pt'])
-    cfg = train.parse_args(['--preset', 'imagenet-L', '--data-dir', 'x', '--vae', 'y'])
+    with pytest.raises(SystemExit):
+        train.parse_args(['--vae', 'nope.pt'])
+    assert "--vae 'nope.pt': no such file" in capsys.readouterr().err
+    cfg = train.parse_args(['--preset', 'imagenet-L', '--data-dir', 'x', '--vae', __file__])
     assert cfg['grad_ckpt'] and cfg['batch_size'] == 2048 and cfg['blr'] * 2048 / 256 == 4e-4
 
 

@@ -178,6 +178,8 @@ def parse_args(argv=None):
          "--log-every and --ckpt-every must be > 0, --sample-every >= 0"),
         (cfg['dataset'] != 'imagenet' or (cfg['data_dir'] and cfg['vae']),
          "ImageNet needs --data-dir /path/to/imagenet/train and --vae /path/to/kl16.ckpt"),
+        (not cfg['vae'] or os.path.isfile(cfg['vae']),
+         f"--vae {cfg['vae']!r}: no such file (a vae.pt of `python vae.py`, or MAR's kl16.ckpt)"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -394,8 +396,6 @@ def write_sample_grid(model, vae, scale_factor, path, num_classes, per_class=8, 
 def main(argv=None):
     """A run, stage by stage (top of this file); rerunning it skips what exists, resumes the rest."""
     cfg = parse_args(argv)
-    if cfg['vae'] and not os.path.isfile(cfg['vae']):
-        raise SystemExit(f"--vae {cfg['vae']!r}: no such file (a vae.pt of `python vae.py`, or MAR's kl16.ckpt)")
     run = setup_distributed(cfg)              # device, rank, world size, log(); OUT/ exists
     batch = split_batch(cfg, run.world_size)  # checked before the long stages 1-3
 

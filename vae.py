@@ -540,8 +540,9 @@ def standardize_latent_channels(model, images, batch_size=256, device='cpu', max
     (means up to 1.2 and sds 0.35-1.2 after the global scale factor, differing by seed),
     while flow matching starts every channel from N(0, 1); SD3 shifts and scales its
     latent for the same reason. TOY ONLY: MAR's KL-16 (the released models' VAE) keeps one
-    global factor, 0.2325, and no shift; this runs only in train_vae. The encoder runs once, in bf16 autocast where precision is
-    'bf16' (as the latent cache is encoded). Returns (m, s, scale_factor): m and s are (C,);
+    global factor, 0.2325, and no shift; this runs only in train_vae. The encoder runs once,
+    in bf16 autocast where precision is 'bf16' (as the latent cache is encoded).
+    Returns (m, s, scale_factor): m and s are (C,);
     scale_factor is MAR's recipe, 1 / std of posterior samples z' = mean' + std' * eps, in
     closed form (Var z' = Var mean' + E std'^2, no eps drawn); about 1, since std' << 1."""
     model.eval()
@@ -646,7 +647,7 @@ def _log_progress(step, steps, batch_size, ips, budget_left, total, rec_loss, kl
           f"kl {kl.item():.4f} lr {lr:.2e} {ips:.0f} img/s ETA {eta / 60:.1f} min", flush=True)
 
 
-def train_vae(images, out_path, *, steps=3000, batch_size=64, lr=2e-3, device='cpu',
+def train_vae(images, out_path, *, steps=2800, batch_size=16, lr=2e-3, device='cpu',
               log_every=100, time_budget_s=None, seed=0, resume=True, preset='cifar',
               loss='l1', kl_weight=1e-6, ckpt_every=500, config=None, stop_at_step=None,
               precision='fp32', optimizer='muon'):
