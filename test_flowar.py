@@ -763,21 +763,14 @@ def test_checkpoint_from_another_config_is_refused_naming_the_fields(toy_setup, 
 
 
 def test_bad_cli_values_are_refused(capsys):
-    with pytest.raises(SystemExit):
-        train.parse_args(['--batch-size', '0'])
-    assert '--batch-size must be > 0' in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        train.parse_args(['--preset', 'imagenet-XL'])
-    assert 'unknown --preset' in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        train.parse_args(['--preset', 'imagenet-S'])
-    assert '--data-dir' in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        train.parse_args(['--vae-optimizer', 'sgd'])
-    assert '--vae-optimizer must be adam or muon' in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        train.parse_args(['--vae', 'nope.pt'])
-    assert "--vae 'nope.pt': no such file" in capsys.readouterr().err
+    for argv, msg in ((['--batch-size', '0'], '--batch-size must be > 0'),
+                      (['--preset', 'imagenet-XL'], 'unknown --preset'),
+                      (['--preset', 'imagenet-S'], '--data-dir'),
+                      (['--vae-optimizer', 'sgd'], '--vae-optimizer must be adam or muon'),
+                      (['--vae', 'nope.pt'], "--vae 'nope.pt': no such file")):
+        with pytest.raises(SystemExit):  # a parser error, not a traceback
+            train.parse_args(argv)
+        assert msg in capsys.readouterr().err, argv
     cfg = train.parse_args(['--preset', 'imagenet-L', '--data-dir', 'x', '--vae', __file__])
     assert cfg['grad_ckpt'] and cfg['batch_size'] == 2048 and cfg['blr'] * 2048 / 256 == 4e-4
 
