@@ -1,6 +1,6 @@
 """
 The paper's ablations (Sec. 4.2, Tables 3-6) as experiments on the CPU toy, each row one
-command, scored with the project's own metric (metrics.py).
+command, scored with the project's own metric (metrics.py). Results: docs/ablations.md.
 
     python train.py                                   # once: the toy's VAE and latent cache
     python ablations.py --table 6                     # every row of Table 6, seed 0
@@ -10,19 +10,21 @@ command, scored with the project's own metric (metrics.py).
     python ablations.py --table 3 --data-dir DIR      # Table 3 also reads the CIFAR-10 images
 
 Every row trains the toy FlowAR (flowar.PRESETS['toy'], with the full pyramid of scales
-{1,2,4,8} = PYRAMID in Tables 3, 5 and 6, not the toy recipe's {1,8}) with exactly one
-change, from scratch, on the latent cache of a finished `python train.py` run (--base: its vae.pt and
-latents/), for --steps optimizer steps of the toy recipe (batch 64, AdamW lr 2e-3 with
-warm-up and cosine, EMA 0.999 with warm-up, label drop 0.1; the randomness of train.py);
-then samples --num-samples class-balanced images with fixed sampling settings (SAMPLING:
-8 Euler steps, constant cfg 5) from the EMA weights and scores them (classifier accuracy, Frechet distance). It writes
+PYRAMID = {1,2,4,8} in Tables 3, 5 and 6, not the toy recipe's {1,8}) with exactly one
+change, from scratch, on the latent cache of a finished `python train.py` run (--base: its
+vae.pt and latents/), for --steps optimizer steps, through train.py's own training loop and
+recipe (row_recipe: train.PRESETS['cifar-toy'] with RECIPE_OVERRIDES); then samples
+--num-samples class-balanced images with fixed settings (SAMPLING) from the EMA weights and
+scores them (classifier accuracy, Frechet distance). It writes
+    OUT/table<k>/<row>-seed<s>/       the row's run folder (ckpt.pt, log.jsonl): an
+                                      interrupted row resumes from its checkpoint
     OUT/table<k>/<row>-seed<s>.json   the result (accuracy, FD, training and sampling time)
     OUT/table<k>/<row>-seed<s>.png    a grid, one row per class
     OUT/table<k>.md                   the table: each row's metric, mean over the seeds
                                       done so far, the paper's FID for the same row
-Rows already done (their .json exists) are not run again, so an interrupted table resumes.
+Rows already done (their .json exists) are not run again.
 
-The rows (in the paper's words, Sec. 4.2):
+The rows (in the paper's words, Sec. 4.2), in file order after the shared pieces:
   Table 6, how the AR semantics s-hat enter the flow head (InjectionHead):
     adaln            adaptive LayerNorm conditioned on the spatially averaged semantics
     sequence-concat  semantics concatenated with the flattened input along the sequence
@@ -37,42 +39,30 @@ The rows (in the paper's words, Sec. 4.2):
                      every token denoised on its own (no attention among the tokens)
     per-scale        the FlowAR head (flowar.FlowHead)
     per-token-diffusion, per-scale-diffusion   the same heads (and initial weights) trained
-                     as DDPM epsilon-predictors instead of velocity predictors
-                     (DiffusionFlowAR): x_t = sqrt(abar(t)) x + sqrt(1 - abar(t)) eps, target
-                     eps (Ho et al. 2020, Eq. 14), with the cosine schedule abar(t) =
-                     f(t) / f(0), f(t) = cos^2((t + 0.008) / 1.008 * pi / 2) (Nichol &
-                     Dhariwal 2021, Eq. 17; MAR's schedule too) in continuous t in [0, 1], t = 1
-                     noise as in the flow rows, so the head's time embedding, the training t
-                     and the sampling time grid are the flow rows' own. Sampling:
-                     deterministic DDIM (Song et al. 2021, Eq. 12, sigma = 0) on the flow
-                     sampler's time grid, so the same number of head evaluations, CFG applied
-                     to the epsilons as the flow sampler applies it to the velocities. abar is
-                     clipped below at ABAR_MIN = 0.0047, Stable Diffusion's terminal abar
-                     (Rombach et al. 2022): t = 1 is almost pure noise, not exactly (from zero
-                     signal an epsilon says nothing about x, Lin et al. 2024), and DDIM's first
-                     step multiplies the head's error by sqrt(abar(t_2) / abar(1)) (on the toy's
-                     8-step grid: 5x here, 36x at 1e-4). 200-step probe (seed 0, 300 samples,
-                     classifier acc / FD): ABAR_MIN 2.4e-9 (MAR's last step) 0.07 / 22.1, 1e-4
-                     0.10 / 22.0 (chance level), 0.0047 0.20 / 14.9, 0.01 0.20 / 15.7, 0.03
-                     0.23 / 16.5; flow matching 0.26 / 14.7.
+                     as DDPM epsilon-predictors (DiffusionFlowAR): x_t = sqrt(abar(t)) x +
+                     sqrt(1 - abar(t)) eps, target eps (Ho et al. 2020, Eq. 14), the cosine
+                     schedule abar(t) = f(t) / f(0), f(t) = cos^2((t + 0.008) / 1.008 * pi / 2)
+                     (Nichol & Dhariwal 2021, Eq. 17) in continuous t in [0, 1], t = 1 noise, so
+                     the head's time embedding, training t and sampling grid are the flow rows'.
+                     Sampling: deterministic DDIM (Song et al. 2021, Eq. 12, sigma = 0) on the
+                     flow sampler's time grid, CFG applied to the epsilons. abar is clipped
+                     below at ABAR_MIN, Stable Diffusion's terminal abar: from zero signal an
+                     epsilon says nothing about x (Lin et al. 2024), and DDIM's first step
+                     multiplies the head's error by sqrt(abar(t_2) / abar(1)); the clip was
+                     chosen by a probe (docs/ablations.md, "ABAR_MIN").
   Table 4, the scale list (the 8x8 toy latent in place of 16x16):
     1,2,4,8 (the full pyramid, as {1,2,4,8,16}), 1,4,8 (as {1,4,8,16}), 1,8 (as {1,4,16}:
     fewer and coarser steps; the toy recipe's list).
   Table 3, where the coarse token maps come from:
     latent-pyramid   area-downsampled latent, Eq. 5 (the model of flowar.py, unchanged)
     image-pyramid    s^i = the VAE encoding of the image area-downsampled to f*h_i x f*w_i
-                     pixels (f = 4: 4x4, 8x8, 16x16 and the 32x32 image itself), times the
-                     VAE scale factor (ImagePyramidFlowAR). Only training changes; sampling
-                     decodes the finest map as usual. The posterior moments of the coarse
-                     images are encoded once into OUT/table3/image-pyramid-moments.pt (from
-                     --data-dir). Same randomness as the latent pyramid (train.make_batch):
-                     the finest map is make_batch's posterior sample itself, a coarse one
-                     mean_i + std_i * r * Down(eps, r), eps make_batch's posterior draw (r *
-                     Down(eps, r) is N(0, I) again), with make_batch's flip.
+                     pixels (f = 4), times the VAE scale factor (ImagePyramidFlowAR). Only
+                     training changes; sampling decodes the finest map as usual. The coarse
+                     images' posterior moments are encoded once (image_pyramid_moments), and
+                     drawn with make_batch's own randomness (image_pyramid_maps).
 """
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -107,7 +97,7 @@ ABAR_MIN = 0.0047  # Table 5's diffusion rows: abar(1), SNR 0.0047 at t = 1 (see
 
 
 # ---------------------------------------------------------------------------------------
-# The heads that replace flowar.FlowHead (same call: (x, t, semantics, pos) -> velocity)
+# The heads that replace flowar.FlowHead (same call: (x, t, s_hat, pos) -> velocity)
 # ---------------------------------------------------------------------------------------
 
 class InjectionHead(nn.Module):
@@ -130,23 +120,23 @@ class InjectionHead(nn.Module):
         self.res_blocks = nn.ModuleList(blocks)
         self.final_layer = flowar.FinalLayer(width, in_channels)
 
-    def forward(self, x, t, semantics, pos):
+    def forward(self, x, t, s_hat, pos):
         N = x.shape[1]
         t_emb = self.time_embed(t)[:, None]                                   # (B, 1, W)
         c = torch.zeros_like(t_emb)                                           # no spatial condition
         if self.injection == 'channel-concat':
-            h = self.input_proj(torch.cat([x, semantics], dim=-1))            # (B, N, W)
+            h = self.input_proj(torch.cat([x, s_hat], dim=-1))            # (B, N, W)
         else:
             h = self.input_proj(x)
         if self.injection == 'addition':
-            h = h + self.cond_embed(semantics)
+            h = h + self.cond_embed(s_hat)
         elif self.injection == 'adaln':
-            c = self.cond_embed(semantics).mean(dim=1, keepdim=True)          # (B, 1, W): pooled
+            c = self.cond_embed(s_hat).mean(dim=1, keepdim=True)          # (B, 1, W): pooled
         elif self.injection == 'sequence-concat':
-            h = torch.cat([h, self.cond_embed(semantics)], dim=1)             # (B, 2N, W)
+            h = torch.cat([h, self.cond_embed(s_hat)], dim=1)             # (B, 2N, W)
             pos = torch.cat([pos, pos])                                       # same positions
         for block in self.res_blocks:
-            h = block(h, t_emb, c, semantics, pos)
+            h = block(h, t_emb, c, pos, s_hat) if self.injection == 'cross-attention' else block(h, t_emb, c, pos)
         return self.final_layer(h[:, :N], c + t_emb)                          # (B, N, C)
 
 
@@ -166,8 +156,8 @@ class TokenMLPHead(nn.Module):
         self.ada = nn.ModuleList([nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width)) for _ in range(2 * depth)])
         self.final_layer = flowar.FinalLayer(width, in_channels)
 
-    def forward(self, x, t, semantics, pos):
-        c = self.cond_embed(semantics) + self.time_embed(t)[:, None]         # (B, N, W)
+    def forward(self, x, t, s_hat, pos):
+        c = self.cond_embed(s_hat) + self.time_embed(t)[:, None]         # (B, N, W)
         h = self.input_proj(x)
         for norm, mlp, ada in zip(self.norms, self.mlps, self.ada):
             shift, scale, gate = ada(c).chunk(3, dim=-1)
@@ -244,14 +234,15 @@ def image_pyramid_moments(vae, ds, scales, data_dir, path):
     return moments
 
 
-def image_pyramid_maps(moments, ds, idx, z, rcfg, step, scales):
-    """The token maps of the batch `idx` for ImagePyramidFlowAR: make_batch's posterior
-    sample z (B, C, H, W) at the finest scale; at scale i, (mean_i + std_i * r * Down(eps, r))
-    times the scale factor, with make_batch's posterior draw eps and flip (sample_randomness)."""
+def image_pyramid_maps(moments, ds, idx, z, rcfg, step, scales, global_offset=0):
+    """The token maps of the batch `idx` (positions global_offset.. of the global batch) for
+    ImagePyramidFlowAR: make_batch's posterior sample z (B, C, H, W) at the finest scale; at
+    scale i, (mean_i + std_i * r * Down(eps, r)) times the scale factor, with make_batch's
+    posterior draw eps and flip (sample_randomness)."""
     maps = [[] for _ in scales[:-1]]
     for j, k in enumerate(idx):
-        flip, eps, *_ = train.sample_randomness(rcfg['seed'], step, j, tuple(z.shape[1:]), len(scales),
-                                                scales, rcfg['t_sampling'])
+        flip, eps, *_ = train.sample_randomness(rcfg['seed'], step, global_offset + j, tuple(z.shape[1:]),
+                                                len(scales), scales, rcfg['t_sampling'])
         for i, (h, w) in enumerate(scales[:-1]):
             mean, logvar = moments[i][k, flip % moments[i].shape[1]].chunk(2, dim=0)
             e = F.interpolate(eps[None], size=(h, w), mode='area')[0] * math.sqrt(eps[0].numel() / (h * w))
@@ -259,14 +250,29 @@ def image_pyramid_maps(moments, ds, idx, z, rcfg, step, scales):
     return [torch.stack(m) for m in maps] + [z]
 
 
+def image_pyramid_inputs(moments):
+    """train.make_batch for Table 3's image pyramid: the same inputs, with the latent z
+    replaced by its token maps (image_pyramid_maps). Passed to train.train as make_inputs."""
+    def make_inputs(ds, indices, global_offset, cfg, step, model_cfg, device):
+        z, labels, noise, t = train.make_batch(ds, indices, global_offset, cfg, step, model_cfg, device)
+        maps = image_pyramid_maps(moments, ds, indices, z.cpu(), cfg, step,
+                                  flowar.normalize_scales(model_cfg['scales']), global_offset)
+        return [m.to(device) for m in maps], labels, noise, t
+    return make_inputs
+
+
 # Tables 3, 5 and 6 vary one part of the paper's model, with the full pyramid of scales
-# (the 8x8 toy latent's equivalent of {1,2,4,8,16}). The toy recipe itself uses {1, 8}: at
-# its 20-minute budget that list scores best (Table 4 at 1,054 steps, README).
+# (the 8x8 toy latent's equivalent of {1,2,4,8,16}). The toy recipe itself uses {1, 8}, which
+# scores best at its budget (docs/toy.md, "Scale list").
 PYRAMID = (1, 2, 4, 8)
 
+# Every row trains with the toy recipe of train.py (row_recipe), except where the recipe has
+# moved on since the tables of docs/ablations.md were measured: these values are the ones
+# they were measured with (the toy now trains with Muon, logit-normal t and precision auto).
+RECIPE_OVERRIDES = dict(optimizer='adamw', t_sampling='uniform', precision='fp32')
 
-# The sampling settings every row is scored with: the toy's defaults when the README's tables
-# were measured (flowar.SAMPLING_DEFAULTS['toy'] has since moved to cfg 6), kept fixed here.
+# The sampling settings every row is scored with, fixed: the toy's defaults when the tables
+# were measured (flowar.SAMPLING_DEFAULTS['toy'] has moved on since).
 SAMPLING = dict(num_steps=8, cfg=5.0, guidance=0.9, cfg_ramp=False)
 
 
@@ -282,9 +288,9 @@ def build_model(table, row, seed):
     p = flowar.PRESETS['toy']
     if row not in ('spatial-adaln', 'per-scale', 'image-pyramid', 'latent-pyramid'):
         if row == 'per-token':
-            model.flownet = TokenMLPHead(p['latent_channels'], p['head_dim'], p['head_depth'], p['ar_dim'])
+            model.flownet = TokenMLPHead(p['latent_channels'], p['head_width'], p['head_depth'], p['ar_dim'])
         else:
-            model.flownet = InjectionHead(row, p['latent_channels'], p['head_dim'], p['head_depth'],
+            model.flownet = InjectionHead(row, p['latent_channels'], p['head_width'], p['head_depth'],
                                           p['ar_dim'], p['mlp_ratio'], p['rope_theta'])
         torch.manual_seed(seed)
         model.initialize_weights('released')
@@ -295,42 +301,37 @@ def build_model(table, row, seed):
 # One row: train, sample, score
 # ---------------------------------------------------------------------------------------
 
-def train_row(model, ds, steps, seed, batch=64, lr=2e-3, log=print, pyramid=None):
-    """The toy recipe of train.py, single process, for `steps` steps -> the EMA model.
-    pyramid: image_pyramid_moments for ImagePyramidFlowAR."""
-    rcfg = dict(seed=seed, label_drop=0.1, t_sampling='uniform')
-    opt = torch.optim.AdamW(train.param_groups(model.named_parameters(), 0.02), lr=lr, betas=(0.9, 0.95))
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    spe = len(ds) // batch
-    model.train()
-    t0 = time.time()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group['lr'] = train.lr_at(step / spe, lr, 1e-5, 0.1, steps / spe)
-        order = train.epoch_order(len(ds), seed, step // spe)
-        idx = order[(step % spe) * batch:(step % spe + 1) * batch].tolist()
-        z, y, noise, t = train.make_batch(ds, idx, 0, rcfg, step, model.config, 'cpu')
-        if pyramid is not None:
-            z = image_pyramid_maps(pyramid, ds, idx, z, rcfg, step, model.scales)
-        loss, _ = model(z, y, noise, t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
-        opt.step()
-        train.update_ema(ema, model, train.ema_decay(0.999, step))
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            rate = (step + 1) * batch / (time.time() - t0)
-            log(f"  step {step + 1}/{steps} loss {loss.item():.4f} {rate:.0f} img/s "
-                f"ETA {(steps - step - 1) * batch / rate / 60:.1f} min")
-    return ema
+def row_recipe(steps, seed, out, num_latents):
+    """The recipe of a row: the toy's own (train.PRESETS['cifar-toy'], so a change to it
+    reaches the rows), with RECIPE_OVERRIDES, `seed`, and a schedule of `steps` steps (the
+    warm-up + cosine ends at the last one). The run folder `out` gets the row's ckpt.pt and
+    log.jsonl: an interrupted row resumes."""
+    cfg = dict(train.PRESETS['cifar-toy'], **RECIPE_OVERRIDES, seed=seed, out=out, device='cpu',
+               max_steps=steps, log_every=100)
+    cfg['epochs'] = steps / (num_latents // cfg['batch_size'])
+    return cfg
 
 
-def run_row(table, row, seed, args, ds, vae, scale_factor, clf, ref, log=print):
+def train_row(model, ds, cfg, make_inputs=train.make_batch):
+    """Train `model` with train.py's own loop (train.train), single process -> the EMA model.
+    make_inputs: train.make_batch, or image_pyramid_inputs(...) for ImagePyramidFlowAR."""
+    run = train.setup_distributed(cfg)
+    state = train.new_state(model, cfg, cfg['lr'], run.device)
+    record = dict(cfg, model=model.config, vae_fingerprint=ds.header['vae_fingerprint'])
+    train.resume(run, state, record)
+    train.train(cfg, run, state, ds, record=record, make_inputs=make_inputs)
+    return state.ema
+
+
+def run_row(table, row, seed, args, ds, vae, scale_factor, clf, ref, out):
+    """Train, sample and score one row (seed `seed`, run folder `out`) -> (result, grid)."""
     model = build_model(table, row, seed)
-    pyramid = None if row != 'image-pyramid' else image_pyramid_moments(
-        vae, ds, model.scales, args.data_dir, os.path.join(args.out, 'table3', 'image-pyramid-moments.pt'))
+    make_inputs = train.make_batch
+    if row == 'image-pyramid':
+        make_inputs = image_pyramid_inputs(image_pyramid_moments(
+            vae, ds, model.scales, args.data_dir, os.path.join(args.out, 'table3', 'image-pyramid-moments.pt')))
     t0 = time.time()
-    ema = train_row(model, ds, args.steps, seed, log=log, pyramid=pyramid)
+    ema = train_row(model, ds, row_recipe(args.steps, seed, out, len(ds)), make_inputs)
     t_train = time.time() - t0
     labels = np.arange(args.num_samples) % 10
     images = sample.sample_images(ema, vae, scale_factor, labels, seed=0, batch_size=100, **SAMPLING)
@@ -410,7 +411,7 @@ def main(argv=None):
                 print(f"[ablations] Table {args.table} row {row} seed {seed}: done, skipped")
                 continue
             print(f"[ablations] Table {args.table} row {row} seed {seed}: {args.steps} steps", flush=True)
-            result, grid = run_row(args.table, row, seed, args, ds, vae, scale_factor, clf, ref)
+            result, grid = run_row(args.table, row, seed, args, ds, vae, scale_factor, clf, ref, out=stem)
             Image.fromarray(grid).save(stem + '.png')
             with data.atomic_file(stem + '.json') as tmp, open(tmp, 'w') as f:
                 json.dump(result, f, indent=1)

@@ -1,8 +1,8 @@
 """
 Speed of flowar.py on this machine, as a share of the machine's own matmul rate.
 
-    python bench.py                          # presets toy and S (about 6 min on 2 CPU cores)
-    python bench.py --presets toy --quick    # about 20 s
+    python bench.py                          # presets toy and S
+    python bench.py --presets toy --quick    # a quick check
     python bench.py --device cuda --bf16     # on a GPU, bf16 autocast
     python bench.py --device cuda --bf16 --compile --presets S   # and torch.compile
 
@@ -13,6 +13,10 @@ and attention), GFLOP/s and its *share of the matmul rate* (2048^3, measured fir
 the share, times drift; --compile: FLOPs counted eager). On a CPU a profiled call gives the
 share its products reach alone (the ceiling at these shapes) and their part of the time.
 Peak memory: CUDA's, or the process RSS so far (it includes the rows above).
+Run times of these commands and the results: docs/speed.md.
+
+In file order: the FLOP and timing helpers, measure (one row), bench_preset (the rows of one
+preset), print_table, main.
 """
 
 import argparse

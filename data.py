@@ -1,16 +1,19 @@
 """
-Data for FlowAR: image datasets and the latent cache.
+Data for FlowAR: image datasets and the latent cache. In file order:
 
-  - CIFAR-10 (the "python version" pickles), with an optional md5-checked download;
+  - atomic_file / atomic_save (every file of the project is written through them) and
+    vae_fingerprint (the cache's record of its VAE);
+  - keep_freed_memory: the malloc setting every entry point applies first;
+  - CIFAR-10 (the "python version" pickles), with an optional md5-checked download
+    (download_file, which metrics.py also uses for the Inception weights);
   - ImageNet-style class folders read with Pillow, ADM center crop (RELEASED: training
     augments every step, Resize 288 -> RandomCrop 256 -> flip; here, as in MAR, the center
-    crop and its flipped copy are encoded once into the latent cache);
+    crop and its flipped copy are encoded once into the latent cache), and to_float /
+    to_uint8, the conversions between pixels and the VAE's range;
   - make_shapes: a procedural 10-class dataset of coloured shapes (no download needed);
   - the latent cache: every image is encoded once (plain and horizontally flipped) into one
     memory-mapped array of posterior moments; LatentDataset reads it, and training draws a
-    fresh posterior sample from it at every step (train.make_batch), as MAR does;
-  - atomic_file / atomic_save (every file of the project is written through them) and
-    vae_fingerprint (the cache's record of its VAE).
+    fresh posterior sample from it at every step (train.make_batch), as MAR does.
 
 Only torch, numpy and pillow are used.
 """
@@ -25,6 +28,7 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -55,6 +59,14 @@ def atomic_save(obj, path):
         torch.save(obj, tmp)
 
 
+class Ranks(NamedTuple):
+    """Which process this is of a torchrun job, for the functions that split work over ranks
+    (build_latent_cache, sample.sample_npz). The default is a single process."""
+    rank: int = 0
+    world_size: int = 1
+    barrier: Optional[Callable[[], None]] = None   # waits for every rank (torch.distributed.barrier)
+
+
 def vae_fingerprint(model):
     """A short hex string identifying the config and ALL weights of a VAE (sha1, 16 chars).
     The latent cache stores it and refuses to be read with another VAE."""
@@ -73,8 +85,8 @@ def keep_freed_memory():
     """A CPU speed-up that changes no number: ask glibc's malloc to keep freed memory for
     reuse instead of handing it back to the OS. By default big freed blocks are unmapped
     (or trimmed off the heap), and the next tensor of that size page-faults fresh, zeroed
-    pages back in: measured 1.7M page faults and 3.5 s of system time in 10 s of toy
-    sampling; without them toy sampling ran 15% and VAE training 13% faster. The same as
+    pages back in; keeping the blocks saves that system time in toy sampling and VAE
+    training (measurements: docs/speed.md). The same as
     the environment variables MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, or what
     jemalloc / tcmalloc give with LD_PRELOAD. Peak memory grows a little (freed blocks are
     kept). Returns True when applied; False off glibc (macOS, Windows, musl): nothing changes."""
@@ -219,7 +231,7 @@ def center_crop_arr(pil_image, image_size):
 def to_float(x_uint8):
     """uint8 images (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1]: the one conversion
     of pixels into the VAE's input range (the inverse is to_uint8). Made contiguous: the
-    moved view has channels-last strides, a slower path for CPU convolutions (1.16x)."""
+    moved view has channels-last strides, a slower path for CPU convolutions (docs/speed.md)."""
     return x_uint8.movedim(-1, -3).contiguous().float().div(127.5).sub(1.0)
 
 
@@ -368,24 +380,24 @@ def _refuse_other_vae(path, header, fingerprint):
 
 
 def build_latent_cache(vae, images_or_dataset, labels, path, *, scale_factor, batch_size=256,
-                       device='cpu', rank=0, world_size=1, log_every=20, barrier=None,
-                       dataset_name='', num_workers=0, max_batches=None, flips=True,
-                       precision='fp32'):
+                       flips=True, precision='fp32', device='cpu', ranks=Ranks(), dataset_name='',
+                       num_workers=0, log_every=20, max_batches=None):
     """Encode every image once (plain and, with flips=True, flipped) into the cache folder
-    `path`; resumable. flips=False halves the encoding time (the CPU toy trains < 2 epochs,
-    where the flip augmentation matters little).
+    `path`; resumable. flips=False halves the encoding work (the CPU toy trains too few
+    epochs for the flip augmentation to matter much: docs/toy.md, "Training length").
 
     images_or_dataset: uint8 numpy (N, H, W, 3) or an ImageFolderDataset; labels: int array
       (N,), or None to take the dataset's own .labels.
-    DDP: every rank calls this with the same arguments, its rank / world_size and a
-      `barrier` callable (e.g. torch.distributed.barrier); the steps below say who does what.
+    ranks: DDP: every rank calls this with the same arguments and its Ranks (rank,
+      world_size, barrier); the steps below say who does what.
     max_batches: encode at most this many batches in this call (for tests / chunked runs).
-    precision: 'bf16' encodes under bf16 autocast (the toy on a CPU with native bf16: 2.3x
-      the fp32 rate, latents within 0.4% of the latent sd); the moments are stored in fp32.
+    precision: 'bf16' encodes under bf16 autocast (faster on a CPU with native bf16, latents
+      close to fp32's: docs/speed.md); the moments are stored in fp32.
     Returns the number of batches this call encoded.
     """
+    rank, world_size, barrier = ranks
     if world_size > 1 and barrier is None:
-        raise ValueError("build_latent_cache with world_size > 1 needs barrier= (e.g. "
+        raise ValueError("build_latent_cache with world_size > 1 needs Ranks(..., barrier=) (e.g. "
                          "torch.distributed.barrier) so that rank 0 creates the files first")
     N, img_size, labels = _check_inputs(images_or_dataset, labels)
     f, C = vae.downsample_factor, vae.config['embed_dim']

@@ -22,7 +22,11 @@ F_0 (t = 1 is data), the released x_t = (1 - t) * x + t * eps (t = 1 is noise): 
 
 Shapes: B batch, L total tokens over all scales (341 for scales 1-2-4-8-16), N tokens of
 one scale (h * w), C latent channels (16 for the MAR VAE), D width of the AR Transformer,
-W width of the flow head.
+W width of the flow head (`head_width`; d = 64 is the width of one attention head).
+
+Names, one per tensor in every file: `s_hat` the AR semantics s-hat (B, N, D), the output of
+T; `c` their per-position projection to the head, cond_embed(s_hat), (B, N, W); `y_emb` the
+class embedding (B, D), the adaLN condition of the AR blocks; `t_emb` the time embedding.
 """
 
 import math
@@ -36,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 # ==== Presets ===========================================================================
 # S, L and H are the released factories (same parameter counts); B is the paper's ~300M size
 # (no released weights); toy (1.9M parameters) is for CIFAR-10 latents (4 x 8 x 8) on 2 CPU
-# cores, ~9 minutes: at that budget a small model that sees more images beats a bigger one.
+# cores: at its budget a small model that sees more images beats a bigger one (docs/toy.md).
 
 _COMMON = dict(mlp_ratio=4.0, rope_theta=10000.0, grad_checkpointing=False,
                scale_weighting='tokens', init='released')
@@ -46,24 +50,24 @@ _IMAGENET = dict(_COMMON, latent_channels=16, scales=(1, 2, 4, 8, 16), num_class
 PRESETS = {
     # name: AR width D, AR depth (encoder + decoder stacks), AR heads, flow head depth and
     # width W, head block ('spatial' = Attn-MLP with Spatial-adaLN as in the paper; 'cross' =
-    # Attn-CrossAttn-MLP of the released L and H). toy scales {1, 8}: at its budget they score
-    # 0.77 vs 0.63 for {1, 4, 8} and 0.59 for {1, 2, 4, 8} (README, "What makes the toy work").
+    # Attn-CrossAttn-MLP of the released L and H). The toy's scales {1, 8} score best at its
+    # budget (docs/toy.md, "Scale list").
     'toy': dict(_COMMON, latent_channels=4, scales=(1, 8), num_classes=10, attn_dropout=0.0,
                 proj_dropout=0.0, ar_dim=128, enc_depth=2, dec_depth=2, ar_heads=2,
-                head_depth=2, head_dim=128, head_block='spatial'),
+                head_depth=2, head_width=128, head_block='spatial'),
     'S': dict(_IMAGENET, ar_dim=768, enc_depth=6, dec_depth=6, ar_heads=12,
-              head_depth=2, head_dim=1024, head_block='spatial'),
+              head_depth=2, head_width=1024, head_block='spatial'),
     'B': dict(_IMAGENET, ar_dim=1024, enc_depth=6, dec_depth=6, ar_heads=16,
-              head_depth=4, head_dim=1024, head_block='spatial'),
+              head_depth=4, head_width=1024, head_block='spatial'),
     'L': dict(_IMAGENET, ar_dim=1024, enc_depth=8, dec_depth=8, ar_heads=16,
-              head_depth=12, head_dim=1024, head_block='cross', grad_checkpointing=True),
+              head_depth=12, head_width=1024, head_block='cross', grad_checkpointing=True),
     'H': dict(_IMAGENET, ar_dim=1536, enc_depth=15, dec_depth=15, ar_heads=16,
-              head_depth=12, head_dim=1536, head_block='cross', grad_checkpointing=True),
+              head_depth=12, head_width=1536, head_block='cross', grad_checkpointing=True),
 }
 
 # Sampling settings of the released evaluation scripts (cfg_ramp: CFG weight rising from 1 at
-# the first scale to `cfg` at the last) and the toy's, tuned with metrics.py (README, "What makes
-# the toy work"): the ramp to 6, 50 Euler steps on the 1x1 scale and 8 on the 8x8 map.
+# the first scale to `cfg` at the last) and the toy's, tuned with metrics.py: the ramp to 6,
+# 50 Euler steps on the 1x1 scale and 8 on the 8x8 map (docs/toy.md, "Sampling settings").
 SAMPLING_DEFAULTS = {
     'toy': dict(num_steps=[50, 8], cfg=6.0, guidance=0.9, cfg_ramp=True),
     'S': dict(num_steps=25, cfg=4.3, guidance=0.9, cfg_ramp=True),
@@ -71,6 +75,17 @@ SAMPLING_DEFAULTS = {
     'L': dict(num_steps=25, cfg=2.4, guidance=0.9, cfg_ramp=True),
     'H': dict(num_steps=50, cfg=2.4, guidance=0.7, cfg_ramp=True),
 }
+
+
+def upgrade_config(config):
+    """A FlowAR config read from a checkpoint -> today's field names (a copy). Checkpoints of
+    older versions call the head width `head_dim` and may hold `class_dropout` (now train.py's
+    --label-drop); mapped here, the one place that reads saved configs."""
+    config = dict(config)
+    config.pop('class_dropout', None)
+    if 'head_dim' in config:
+        config['head_width'] = config.pop('head_dim')
+    return config
 
 
 def normalize_scales(scales):
@@ -180,8 +195,8 @@ class RoPE2D(nn.Module):
 
 def attention(q, k, v, mask=None, dropout_p=0.0):
     """softmax(q k^T / sqrt(d), masked) v for (B, h, N, d) queries; mask: bool, True = may
-    attend. On a CPU the plain products: 1.3x faster bf16 training of the toy than torch's
-    fused kernel, whose backward is slow there (README, Speed); elsewhere the fused kernel."""
+    attend. On a CPU the plain products, faster there than torch's fused kernel, whose
+    backward is slow on a CPU (docs/speed.md); elsewhere the fused kernel."""
     if q.device.type != 'cpu':
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     s = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])                  # (B, h, N, M)
@@ -228,10 +243,11 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.rope = RoPE2D(self.head_dim, rope_theta)
 
-    def forward(self, x, cond, pos):
+    def forward(self, x, s_hat, pos):
+        # x: (B, N, W) head tokens; s_hat: (B, N, D) semantics of the same scale
         B, N, W = x.shape
         q = self.q(x).view(B, N, self.heads, self.head_dim).transpose(1, 2)  # (B, h, N, d)
-        k, v = self.kv(cond).view(B, N, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = self.kv(s_hat).view(B, N, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.rope(q, pos), self.rope(k, pos)
         return self.proj(attention(q, k, v).transpose(1, 2).reshape(B, N, W))
 
@@ -275,9 +291,9 @@ class ARBlock(nn.Module):
         self.mlp = GatedMLP(dim, mlp_ratio, proj_dropout)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-    def forward(self, x, cond, pos, mask=None, cache=None):
-        # x: (B, N, D); cond: (B, D) class embedding
-        alpha1, alpha2, gamma1, gamma2, beta1, beta2 = self.ada_lin(cond)[:, None].chunk(6, dim=-1)  # 6 x (B, 1, D)
+    def forward(self, x, y_emb, pos, mask=None, cache=None):
+        # x: (B, N, D); y_emb: (B, D) class embedding
+        alpha1, alpha2, gamma1, gamma2, beta1, beta2 = self.ada_lin(y_emb)[:, None].chunk(6, dim=-1)  # 6 x (B, 1, D)
         x = x + self.attn(modulate(self.norm1(x), beta1, gamma1), pos, mask, cache) * alpha1
         return x + self.mlp(modulate(self.norm2(x), beta2, gamma2)) * alpha2
 
@@ -331,7 +347,7 @@ class SpatialAdaLNBlock(nn.Module):
         """t_emb: (B, 1, W), c: (B, N, W) -> six (B, N, W) tensors (Eq. 10, first line)."""
         return self.ada_lin(F.silu(t_emb + c)).chunk(6, dim=-1)
 
-    def forward(self, x, t_emb, c, semantics, pos):
+    def forward(self, x, t_emb, c, pos):
         # x: (B, N, W) tokens of one scale; c: (B, N, W) projected semantics s-hat^i
         alpha1, alpha2, gamma1, gamma2, beta1, beta2 = self.modulation(t_emb, c)     # 6 x (B, N, W)
         x = x + self.attn(modulate(self.norm1(x), beta1, gamma1), pos) * alpha1      # Eq. 10, line 2
@@ -343,7 +359,7 @@ class CrossAttnBlock(nn.Module):
     text, the authors' README says both blocks perform alike):
 
         x = x + alpha1 * Attn(RMSNorm(x) * (1 + gamma1) + beta1)       (alpha1.. from t only)
-        x = x + CrossAttn(RMSNorm_w(x), RMSNorm_w(semantics))           (no gate)
+        x = x + CrossAttn(RMSNorm_w(x), RMSNorm_w(s-hat))               (no gate)
         x = x + alpha2 * MLP(RMSNorm(x) * (1 + gamma2) + beta2)        (per position, from c + t)
     """
 
@@ -359,11 +375,12 @@ class CrossAttnBlock(nn.Module):
         self.ada_lin_attn = nn.Linear(width, 3 * width)
         self.ada_lin_mlp = nn.Linear(width, 3 * width)
 
-    def forward(self, x, t_emb, c, semantics, pos):
+    def forward(self, x, t_emb, c, pos, s_hat):
+        # x: (B, N, W); c: (B, N, W) projected semantics; s_hat: (B, N, D) the semantics themselves
         alpha1, gamma1, beta1 = self.ada_lin_attn(F.silu(t_emb)).chunk(3, dim=-1)     # 3 x (B, 1, W)
         alpha2, gamma2, beta2 = self.ada_lin_mlp(F.silu(c + t_emb)).chunk(3, dim=-1)   # 3 x (B, N, W)
         x = x + self.attn(modulate(self.norm1(x), beta1, gamma1), pos) * alpha1
-        x = x + self.crossattn(self.norm2_1(x), self.norm2_2(semantics), pos)
+        x = x + self.crossattn(self.norm2_1(x), self.norm2_2(s_hat), pos)
         return x + self.mlp(modulate(self.norm3(x), beta2, gamma2)) * alpha2
 
 
@@ -399,16 +416,17 @@ class FlowHead(nn.Module):
         else:
             raise ValueError(f"head_block must be 'spatial' or 'cross', got {block!r}")
         self.res_blocks = nn.ModuleList(blocks)
+        self.cross = block == 'cross'  # the cross block also attends to s-hat itself
         self.final_layer = FinalLayer(width, in_channels)
 
-    def forward(self, x, t, semantics, pos):
-        """x: (B, N, C) noisy tokens F_t; t: (B,) in [0, 1]; semantics: (B, N, D);
+    def forward(self, x, t, s_hat, pos):
+        """x: (B, N, C) noisy tokens F_t; t: (B,) in [0, 1]; s_hat: (B, N, D) semantics;
         pos: (N, 2) RoPE coordinates -> predicted velocity (B, N, C)."""
         x = self.input_proj(x)                    # (B, N, W)
         t_emb = self.time_embed(t)[:, None]       # (B, 1, W)
-        c = self.cond_embed(semantics)            # (B, N, W)
+        c = self.cond_embed(s_hat)                # (B, N, W)
         for block in self.res_blocks:
-            x = block(x, t_emb, c, semantics, pos)
+            x = block(x, t_emb, c, pos, s_hat) if self.cross else block(x, t_emb, c, pos)
         return self.final_layer(x, c + t_emb)     # (B, N, C)
 
 
@@ -430,7 +448,7 @@ def euler_time_grid(num_steps, dtype=torch.float64, device=None):
 def cfg_schedule(num_scales, cfg, ramp=True):
     """CFG weight per scale, rising linearly from 1 at the first scale to `cfg` at the last
     (ramp=True, released; the paper does not describe it), or `cfg` at every scale
-    (ramp=False, an option of this code, measured against the ramp in the README)."""
+    (ramp=False, an option of this code; docs/toy.md, "Sampling settings")."""
     if not ramp or num_scales == 1:
         return [float(cfg)] * num_scales
     return [1.0 + (cfg - 1.0) * i / (num_scales - 1) for i in range(num_scales)]
@@ -444,7 +462,7 @@ class FlowAR(nn.Module):
 
     def __init__(self, latent_channels=16, scales=(1, 2, 4, 8, 16), num_classes=1000,
                  ar_dim=768, enc_depth=6, dec_depth=6, ar_heads=12,
-                 head_depth=2, head_dim=1024, head_block='spatial', mlp_ratio=4.0,
+                 head_depth=2, head_width=1024, head_block='spatial', mlp_ratio=4.0,
                  attn_dropout=0.1, proj_dropout=0.1, rope_theta=10000.0,
                  grad_checkpointing=False, scale_weighting='tokens', init='released'):
         super().__init__()
@@ -453,14 +471,14 @@ class FlowAR(nn.Module):
             raise ValueError(f"scale_weighting must be 'tokens' (released) or 'uniform', got {scale_weighting!r}")
         if init not in ('released', 'adaln-zero'):
             raise ValueError(f"init must be 'released' or 'adaln-zero', got {init!r}")
-        if head_dim % 64:
-            raise ValueError(f"head_dim must be a multiple of 64 (head dim 64), got {head_dim}")
+        if head_width % 64:
+            raise ValueError(f"head_width must be a multiple of 64 (64 per attention head), got {head_width}")
         if ar_dim % ar_heads or (ar_dim // ar_heads) % 4:
             raise ValueError(f"ar_dim {ar_dim} / ar_heads {ar_heads} must give a head dim divisible by 4")
         # A plain dict of python values: goes into checkpoints (weights_only-safe).
         self.config = dict(latent_channels=latent_channels, scales=[list(s) for s in scales_hw],
                            num_classes=num_classes, ar_dim=ar_dim, enc_depth=enc_depth, dec_depth=dec_depth,
-                           ar_heads=ar_heads, head_depth=head_depth, head_dim=head_dim, head_block=head_block,
+                           ar_heads=ar_heads, head_depth=head_depth, head_width=head_width, head_block=head_block,
                            mlp_ratio=mlp_ratio, attn_dropout=attn_dropout, proj_dropout=proj_dropout,
                            rope_theta=rope_theta, grad_checkpointing=grad_checkpointing,
                            scale_weighting=scale_weighting, init=init)
@@ -487,7 +505,7 @@ class FlowAR(nn.Module):
         self.decoder_blocks = nn.ModuleList([block() for _ in range(dec_depth)])
         self.decoder_norm = RMSNorm(D, weight=True)
         # The flow-matching head, shared by all scales.
-        self.flownet = FlowHead(latent_channels, head_dim, head_depth, D, head_block, mlp_ratio, rope_theta)
+        self.flownet = FlowHead(latent_channels, head_width, head_depth, D, head_block, mlp_ratio, rope_theta)
 
         self.register_buffer('attn_mask', block_causal_mask(scales_hw), persistent=False)  # (L, L)
         self.register_buffer('positions', token_positions(scales_hw), persistent=False)    # (L, 2)
@@ -552,7 +570,7 @@ class FlowAR(nn.Module):
         idx = slice(start, start + x.shape[1])
         pos = self.positions[idx]
         mask = None if caches is not None else self.attn_mask[idx, idx]
-        cond = self.class_emb(labels)  # (B, D): adaLN condition of every AR block
+        y_emb = self.class_emb(labels)  # (B, D): adaLN condition of every AR block
         blocks = list(self.encoder_blocks) + list(self.decoder_blocks)
         x = self.z_proj_ln(x + self.encoder_pos_embed_learned[:, idx])
         for i, blk in enumerate(blocks):
@@ -560,9 +578,9 @@ class FlowAR(nn.Module):
                 x = self.decoder_embed(self.encoder_norm(x)) + self.decoder_pos_embed_learned[:, idx]
             cache = None if caches is None else caches[i]
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, cond, pos, mask, cache, use_reentrant=False)
+                x = checkpoint(blk, x, y_emb, pos, mask, cache, use_reentrant=False)
             else:
-                x = blk(x, cond, pos, mask, cache)
+                x = blk(x, y_emb, pos, mask, cache)
         return self.decoder_norm(x) + self.diffusion_pos_embed_learned[:, idx]  # s-hat
 
     def semantics(self, maps, labels):

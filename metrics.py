@@ -4,7 +4,8 @@ Sample quality, offline, in plain PyTorch: the evaluation half of the paper's Se
 Two metrics, one per kind of run:
 
   1. CIFAR-10 toy (32x32): a small CNN classifier trained here on CIFAR-10 train
-     (one command, a few minutes on 2 CPU cores, cached in out/cifar-classifier.pt).
+     (one command, run once on a CPU, cached in out/cifar-classifier.pt; its training
+     time, accuracy and calibration: docs/metrics.md).
      Scoring a sample set gives
        (a) the classifier's accuracy on the samples w.r.t. their conditioning labels,
        (b) the Frechet distance (FD) between the classifier's penultimate features of the
@@ -18,6 +19,10 @@ Two metrics, one per kind of run:
 
   2. ImageNet (256x256): FID and Inception Score with an Inception-v3 whose parameter
      names match the pytorch-fid weights file, loaded from a path you give.
+
+In file order: the Frechet distance; 1. the classifier, its training, the calibration
+rows, the cached classifier and the score table; 2. the Inception-v3, its weights, FID
+and IS; the command line.
 
 Only torch, numpy and pillow are used.
 """
@@ -75,9 +80,10 @@ def feature_statistics(features):
 #
 # A small ResNet-free CNN in the style of Keller Jordan's "airbench" (2024): three blocks of
 # conv -> max-pool -> BN -> GELU -> conv -> BN -> GELU, global max pooling, a linear head.
-# Widths (32, 64, 128) keep it at ~50 MFLOP per image so that it trains in minutes on 2
-# CPU cores. Its penultimate layer (128 values after the global pool) is the feature space
-# of the Frechet distance, the way FID uses Inception's pool3.
+# Widths (32, 64, 128) keep it at ~50 MFLOP per image, small enough to train on a CPU
+# (training time and accuracy: docs/metrics.md). Its penultimate layer (128 values after
+# the global pool) is the feature space of the Frechet distance, the way FID uses
+# Inception's pool3.
 # ---------------------------------------------------------------------------------------
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -122,9 +128,9 @@ def _augment(x, g, pad=2, blur_p=0.4):
     """Random horizontal flip, a random translation by up to `pad` pixels (reflect
     padding), and with probability blur_p a blur through a random bottleneck size from
     BLUR_SIZES (area down, bicubic up, as blur_through), per image. x: (B, 3, H, W) float
-    -> same shape. The blur makes the classifier read blurry images too: without it, VAE
-    reconstructions of real images (22 dB) were recognised only 29% of the time, so no
-    generator behind that VAE could have scored well."""
+    -> same shape. The blur makes the classifier read blurry images too: without it, it
+    misread most VAE reconstructions of real images, so no generator behind that VAE could
+    have scored well (docs/metrics.md, calibration)."""
     B, _, H, W = x.shape
     flip = torch.rand(B, generator=g) < 0.5
     x = torch.where(flip[:, None, None, None], x.flip(3), x)

@@ -22,6 +22,10 @@ Sample images from a trained FlowAR: a PNG grid to look at, or an .npz set for F
 Images 0..N-1 are made in chunks of --batch-size, chunk c with its own CPU generator seeded
 (seed, c): the same --seed and --batch-size give the same grid or .npz on 1 or 8 ranks, on
 CPU or GPU, interrupted or not (sample_npz, at the end, has the details).
+
+In file order: loading (a train.py checkpoint, a released .pth, the VAE check, the sampling
+settings), sampling and decoding (generate, make_grid, sample_images), the command line,
+and the .npz set at scale (sample_npz, its parts folder, torchrun).
 """
 
 import argparse
@@ -38,7 +42,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data import CIFAR10_CLASSES, SHAPES_CLASSES, atomic_file, keep_freed_memory, to_uint8
-from flowar import FlowAR, SAMPLING_DEFAULTS
+from flowar import FlowAR, SAMPLING_DEFAULTS, upgrade_config
 from vae import load_state_dict_strict, load_vae
 
 # Class names of the small datasets (the grid log prints them); ImageNet shows ids.
@@ -78,8 +82,7 @@ def load_model_from_checkpoint(path, use_ema=True, device='cpu'):
                          f"{sorted(ckpt)}. Expected the format train.py writes: "
                          f"{{'model', 'ema', 'config': {{'model', 'vae', 'vae_scale_factor', ...}}}}{hint}. "
                          f"For the authors' released .pth use --official PATH --model S|L|H.")
-    config = ckpt['config']
-    config['model'].pop('class_dropout', None)   # recorded by checkpoints before 2026-11-26; train.py's --label-drop
+    config = dict(ckpt['config'], model=upgrade_config(ckpt['config']['model']))  # older field names
     model = FlowAR(**config['model'])
     load_state_dict_strict(model, ckpt[weights_key], what=f"{path!r} ('{weights_key}' weights vs config['model'])")
     return model.to(device).eval(), config
@@ -342,8 +345,9 @@ def main(argv=None):
         return _sample_grid(parser, args, model, vae, scale_factor, st, CLASS_NAMES.get(dataset), log)
     try:
         sample_npz(model, vae, scale_factor, args.npz, num_images=args.num_images, seed=args.seed,
-                   batch_size=args.batch_size, rank=rank, world_size=world_size, keep_parts=args.keep_parts,
-                   log=log, run_info=dict(source=args.official or args.ckpt, ema=args.ema, vae=vae_path), **st)
+                   batch_size=args.batch_size, settings=st, rank=rank, world_size=world_size,
+                   keep_parts=args.keep_parts, log=log,
+                   run_info=dict(source=args.official or args.ckpt, ema=args.ema, vae=vae_path))
     finally:
         if distributed:
             dist.destroy_process_group()
@@ -416,11 +420,11 @@ def npz_labels(num_images, num_classes):
     return np.arange(num_images, dtype=np.int64) // (num_images // num_classes)
 
 
-def sample_npz(model, vae, scale_factor, out_path, *, num_images, seed, batch_size, num_steps,
-               cfg, guidance, cfg_ramp=True, rank=0, world_size=1, keep_parts=False, run_info=None,
-               log=print):
+def sample_npz(model, vae, scale_factor, out_path, *, num_images, seed, batch_size, settings,
+               rank=0, world_size=1, keep_parts=False, run_info=None, log=print):
     """Sample a class-balanced set of num_images into `out_path` (.npz: arr_0 uint8 (N, H, W,
-    3), arr_1 / labels int64). Every rank calls this with its rank and the world size.
+    3), arr_1 / labels int64) with the sampling settings `settings` (num_steps, cfg, guidance,
+    cfg_ramp: sampling_settings). Every rank calls this with its rank and the world size.
 
     The reproducibility contract: chunk c (images c * batch_size ...) is one batch with the
     CPU generator chunk_generator(seed, c); the chunks to do are dealt to ranks round-robin.
@@ -435,9 +439,11 @@ def sample_npz(model, vae, scale_factor, out_path, *, num_images, seed, batch_si
     chunks = _chunks(num_images, batch_size)                               # (index, start, stop)
     parts = out_path + '.parts'
     chunk_path = lambda c: os.path.join(parts, f'chunk_{c:06d}.npy')
-    meta = dict(num_images=num_images, batch_size=batch_size, seed=seed, num_steps=num_steps,
-                cfg=cfg, guidance=guidance, cfg_ramp=cfg_ramp, num_classes=model.num_classes,
-                scales=[list(s) for s in model.scales], **(run_info or {}))
+    if set(settings) != {'num_steps', 'cfg', 'guidance', 'cfg_ramp'}:
+        raise ValueError(f"settings needs num_steps, cfg, guidance and cfg_ramp (sampling_settings), "
+                         f"got {sorted(settings)}")
+    meta = dict(num_images=num_images, batch_size=batch_size, seed=seed, **settings,
+                num_classes=model.num_classes, scales=[list(s) for s in model.scales], **(run_info or {}))
     # 1. An existing parts folder must come from the same settings (every rank checks).
     _open_parts(parts, meta, rank)
 
@@ -454,8 +460,8 @@ def sample_npz(model, vae, scale_factor, out_path, *, num_images, seed, batch_si
     # 3. Sample my chunks, each as one batch with its own generator.
     t0, made, left = time.time(), 0, sum(stop - start for _, start, stop in todo)
     for c, start, stop in todo[rank::world_size]:
-        imgs = generate(model, vae, scale_factor, labels[start:stop], num_steps=num_steps, cfg=cfg,
-                        guidance=guidance, cfg_ramp=cfg_ramp, generator=chunk_generator(seed, c))  # (b, H, W, 3)
+        imgs = generate(model, vae, scale_factor, labels[start:stop], generator=chunk_generator(seed, c),
+                        **settings)  # (b, H, W, 3)
         with atomic_file(chunk_path(c)) as tmp, open(tmp, 'wb') as f:  # a file object: np.save would
             np.save(f, imgs)                                             # append '.npy' to a name
         made += stop - start

@@ -11,7 +11,8 @@ The pipeline has stages, and each one is skipped when its output already exists 
     1. data       CIFAR-10 (downloaded by data.py when absent), procedural shapes, or an
                   ImageNet-style folder
     2. VAE        the small 'cifar' KL VAE is trained when no --vae is given (OUT/vae.pt)
-    3. latents    every image is encoded once (plain + flipped) into OUT/latents/
+    3. latents    every image is encoded once (and its mirror image with --cache-flips)
+                  into OUT/latents/
     4. FlowAR     trained on the cached latents; OUT/ckpt.pt is written every --ckpt-every
                   steps and at the end; rerunning the same command resumes from it
     5. samples    a class-conditional grid (one row per class) from the EMA weights:
@@ -25,16 +26,23 @@ sample, t, the flow noise, label dropout) is drawn per *sample* from a generator
 (seed, step, global index of the sample in the batch). So a run gives the same numbers
 whatever the number of ranks or gradient-accumulation steps, and a resumed run continues
 exactly as if it had never stopped (the data order is a function of (seed, epoch)).
+
+In file order: the presets and the command line; the small pieces (lr_at, resolve_precision,
+the optimizers, the EMA, the per-sample randomness, make_batch); stages 1-3 and 5; main,
+TrainState and train, the one training loop (ablations.py trains its rows with it too), and
+forward_backward; the machinery of processes (DDP) and checkpoints.
 """
 
 import argparse
 import contextlib
 import copy
 import json
+import math
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
@@ -64,13 +72,11 @@ _IMAGENET = dict(
 )
 
 PRESETS = {
-    # The CPU toy: a 1.9M-parameter FlowAR on 4x8x8 latents of a small VAE trained here.
-    # Sized for 20 minutes on 2 CPU cores with native bf16 (precision 'auto'; about 23 in
-    # fp32, estimated): 18.5 min = VAE 8.3 min (2,800 steps of batch 16, Muon, 26.9 dB; more updates
-    # on the same images beat bigger batches; latent channels standardized), latent cache
-    # 0.75 min (bf16, no flipped copies), FlowAR 9.4 min (2.5 epochs, scales {1, 8},
-    # logit-normal t, Muon). 0.823 / FD 1.06x the 8x8-blurred images (README).
-    # The README's "What makes the toy work" has the measurements behind them.
+    # The CPU toy: a 1.9M-parameter FlowAR on 4x8x8 latents of a small VAE trained here,
+    # sized for a short run on 2 CPU cores: the VAE (2,800 steps of batch 16, Muon; more
+    # updates on the same images beat bigger batches), the latent cache (no flipped
+    # copies), FlowAR (2.5 epochs, scales {1, 8}, logit-normal t, Muon). Each choice and
+    # its measurement: docs/toy.md; the time of each stage per CPU: docs/speed.md.
     'cifar-toy': dict(
         model='toy', dataset='cifar10', data_dir='data', out='out/cifar-toy', vae='',
         image_size=32, subset=0, batch_size=64, micro_batch=0,
@@ -115,7 +121,7 @@ HELP = {
     'label_drop': 'probability of replacing the label by the null class (for CFG)',
     'grad_ckpt': 'gradient checkpointing of the AR blocks (saves memory for L and H)',
     'precision': "training steps (VAE and FlowAR) in fp32 or bf16 autocast (the authors report NaNs with mixed "
-                 "precision); 'auto': bf16 where the device computes it natively, else fp32 (vae.resolve_precision)",
+                 "precision); 'auto': bf16 where the device computes it natively, else fp32 (resolve_precision)",
     'compile': 'torch.compile the model',
     'scale_weighting': "loss weight of each scale: 'tokens' (released, h*w / (H*W)) or 'uniform' (Eq. 9's plain sum)",
     'init': "weight init: 'released' (xavier everywhere) or 'adaln-zero' (DiT: zero adaLN and output layers)",
@@ -188,13 +194,38 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------------------------------
-# Small pieces, each tested in test_flowar.py
+# Small pieces, each tested in tests/test_train.py
 # ---------------------------------------------------------------------------------------
 
-# lr_at(epoch, lr, min_lr, warmup_epochs, epochs): the one warm-up + cosine schedule,
-# shared with the VAE stage (vae.lr_at); `epoch` is fractional (step / steps_per_epoch),
-# so the lr changes every step
-lr_at = vae_lib.lr_at
+def lr_at(x, lr, min_lr, warmup, end):
+    """The one learning-rate schedule of the project, for both stages (FlowAR here, where x
+    is the fractional epoch step / steps_per_epoch, so the lr changes every step; the VAE in
+    vae.train_vae, where x counts steps): linear warm-up from 0 to `lr` over `warmup`, then
+    half a cosine from `lr` down to `min_lr` at `end`, and `min_lr` after it. The paper's
+    FlowAR recipe is 100 warm-up + 300 cosine epochs, 4e-4 -> 1e-5."""
+    if x < warmup:
+        return lr * x / warmup
+    if x >= end:
+        return min_lr
+    progress = (x - warmup) / max(end - warmup, 1e-12)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def resolve_precision(precision, device):
+    """The training steps' precision, for both stages (and the latent cache's encoding):
+    'fp32', 'bf16' (torch.autocast), or 'auto' = bf16 where the device multiplies bf16
+    natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else fp32: a CPU without
+    native bf16 would emulate it, slower than fp32 (docs/speed.md)."""
+    if precision not in ('fp32', 'bf16', 'auto'):
+        raise ValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
+    if precision != 'auto':
+        return precision
+    if torch.device(device).type == 'cuda':
+        return 'bf16' if torch.cuda.is_bf16_supported() else 'fp32'
+    # torch's private CPU probes; a torch version without them cannot tell, and gets fp32
+    probe = lambda name: getattr(torch.cpu, name, lambda: False)()
+    native = probe('_is_avx512_bf16_supported') or probe('_is_amx_tile_supported')
+    return 'bf16' if native else 'fp32'
 
 
 def param_groups(named_parameters, weight_decay):
@@ -213,8 +244,8 @@ def make_optimizers(model, cfg, lr, fused=False):
     weights of the transformer blocks, AdamW on the rest (embeddings, input and output maps,
     norms, biases). Moonshot's 'match_rms_adamw' scaling gives Muon's update the RMS of an
     AdamW update, so one lr and schedule drive both.
-    TOY DEVIATION: the paper trains with AdamW; in the toy's 20 minutes Muon reaches a
-    lower loss and FD (README, "What makes the toy work"); ImageNet presets keep AdamW."""
+    TOY DEVIATION: the paper trains with AdamW; the toy uses Muon, which reaches a lower
+    loss and FD in its budget (docs/toy.md, "Optimizer"); the ImageNet presets keep AdamW."""
     adamw = lambda params: torch.optim.AdamW(param_groups(params, cfg['weight_decay']), lr=lr,
                                              betas=(cfg['beta1'], cfg['beta2']), fused=fused)
     if cfg['optimizer'] == 'adamw':
@@ -231,7 +262,7 @@ def ema_decay(decay, step):
     (10 + step)), the warm-up of TensorFlow's ExponentialMovingAverage(num_updates=step).
 
     Why: the EMA starts from the random initial weights, and with a constant decay d their
-    share after T steps is d^T (0.999^1405 = 0.25 in a short toy run: a quarter of the
+    share after T steps is d^T (0.999^1405 = 0.25: after 1,405 steps a quarter of the
     sampled model would still be noise). With the warm-up the share is prod_t (1 + t) /
     (10 + t) ~ 9! / T^9, negligible after a few dozen steps, and the average covers roughly
     the last 10% of the steps until the warm-up reaches `decay` (step 8,990 for 0.999,
@@ -297,7 +328,7 @@ def make_batch(ds, indices, global_offset, cfg, step, model_cfg, device):
 def check_resume_config(saved, cfg, model_cfg, path):
     """Refuse a checkpoint made for another model or data, naming the differing fields."""
     diffs = []
-    saved_model = {k: v for k, v in saved['model'].items() if k != 'class_dropout'}  # legacy: now --label-drop only
+    saved_model = flowar.upgrade_config(saved['model'])  # older field names
     for k in sorted(set(saved_model) | set(model_cfg)):
         a, b = saved_model.get(k), model_cfg.get(k)
         if a != b:
@@ -333,9 +364,9 @@ def load_images(cfg, rank=0, world_size=1):
     return ds, None, ds.classes
 
 
-def prepare_latents(cfg, rank, world_size, device, log):
-    """Stages 1-3. Returns (LatentDataset, vae path, VAE scale factor, class names)."""
-    out = cfg['out']
+def prepare_latents(cfg, run):
+    """Stages 1-3. Returns (LatentDataset, VAE, vae path, VAE scale factor, class names)."""
+    out, rank, world_size, device, log = cfg['out'], run.rank, run.world_size, run.device, run.log
     images, labels, class_names = load_images(cfg, rank, world_size)
     vae_path = cfg['vae'] or os.path.join(out, 'vae.pt')
     if not cfg['vae'] and not os.path.exists(vae_path):
@@ -344,10 +375,10 @@ def prepare_latents(cfg, rank, world_size, device, log):
         if rank == 0:  # small VAE: trained on rank 0 only, the others wait
             t0 = time.time()
             log(f"[stage vae] training the small '{cfg['dataset']}' VAE for {cfg['vae_max_steps']} steps "
-                f"({vae_lib.resolve_precision(cfg['precision'], device)}) -> {vae_path}")
-            vae_lib.train_vae(images, vae_path, steps=cfg['vae_max_steps'], batch_size=cfg['vae_batch_size'],
-                              device=device, seed=cfg['seed'], log_every=max(cfg['log_every'], 100),
-                              precision=cfg['precision'], optimizer=cfg['vae_optimizer'])
+                f"({run.precision}) -> {vae_path}")
+            recipe = vae_lib.VAERecipe(steps=cfg['vae_max_steps'], batch_size=cfg['vae_batch_size'],
+                                       optimizer=cfg['vae_optimizer'], precision=cfg['precision'], seed=cfg['seed'])
+            vae_lib.train_vae(images, vae_path, recipe, device=device, log_every=max(cfg['log_every'], 100))
             trained, _ = vae_lib.load_vae(vae_path, device=device)
             if cfg['dataset'] == 'cifar10':  # held-out quality: PSNR on 2,000 test images
                 test = data.load_cifar10(cfg['data_dir'], train=False)[0][:2000]
@@ -362,10 +393,10 @@ def prepare_latents(cfg, rank, world_size, device, log):
     cache = os.path.join(out, 'latents')
     t0 = time.time()
     data.build_latent_cache(vae, images, labels, cache, scale_factor=scale_factor,
-                            batch_size=cfg['cache_batch_size'], device=device, rank=rank,
-                            world_size=world_size, barrier=dist.barrier if world_size > 1 else None,
-                            dataset_name=cfg['dataset'], flips=cfg['cache_flips'],
-                            precision=vae_lib.resolve_precision(cfg['precision'], device))
+                            batch_size=cfg['cache_batch_size'], flips=cfg['cache_flips'],
+                            precision=run.precision, device=device,
+                            ranks=data.Ranks(rank, world_size, dist.barrier if world_size > 1 else None),
+                            dataset_name=cfg['dataset'])
     log(f"[stage latents] {cache} ready ({time.time() - t0:.0f}s)")
     ds = data.LatentDataset(cache, vae_fingerprint=data.vae_fingerprint(vae))
     return ds, vae, vae_path, scale_factor, class_names
@@ -400,23 +431,21 @@ def main(argv=None):
     batch = split_batch(cfg, run.world_size)  # checked before the long stages 1-3
 
     # --- stages 1-3 ---
-    ds, vae, vae_path, scale_factor, class_names = prepare_latents(cfg, run.rank, run.world_size, run.device, run.log)
+    ds, vae, vae_path, scale_factor, class_names = prepare_latents(cfg, run)
     cfg.update(vae_fingerprint=ds.header['vae_fingerprint'], vae_path=vae_path)
 
     # --- stage 4: model, EMA, optimizers; resume; train ---
-    model, ema, opts = build_model(cfg, ds.latent_shape, len(class_names), batch.lr, run.device)
-    if len(ds) < batch.size:
-        raise SystemExit(f"the dataset has {len(ds)} items, fewer than one batch of {batch.size}")
-    train_cfg = dict(cfg, preset=cfg['preset'], model_preset=cfg['model'], model=model.config,
-                     vae=vae_path, vae_scale_factor=float(scale_factor))   # what a checkpoint records
-    step0 = resume(run, train_cfg, model, ema, opts)
+    state = build_model(cfg, ds.latent_shape, len(class_names), batch.lr, run.device)
+    record = dict(cfg, preset=cfg['preset'], model_preset=cfg['model'], model=state.model.config,
+                  vae=vae_path, vae_scale_factor=float(scale_factor))   # what a checkpoint records
     rows = min(cfg['num_sample_classes'], len(class_names))
-    sample_grid = lambda path: write_sample_grid(ema, vae, scale_factor, path, rows, seed=cfg['seed'])
-    step = train(cfg, run, batch, model, ema, opts, ds, step0, train_cfg, sample_grid)
+    sample_grid = lambda path: write_sample_grid(state.ema, vae, scale_factor, path, rows, seed=cfg['seed'])
+    step0 = resume(run, state, record)
+    train(cfg, run, state, ds, record=record, sample_grid=sample_grid)
 
     # --- stage 5: samples from the EMA weights (skipped if nothing was trained and the grid exists) ---
     grid_path = os.path.join(cfg['out'], 'samples.png')
-    if run.master and step == step0 and os.path.exists(grid_path):
+    if run.master and state.step == step0 and os.path.exists(grid_path):
         run.log(f"[stage samples] {grid_path} exists; nothing new to sample")
     elif run.master:
         t0 = time.time()
@@ -445,22 +474,45 @@ def split_batch(cfg, world_size):
                            lr=cfg['lr'] or cfg['blr'] * B / 256)
 
 
+@dataclass
+class TrainState:
+    """What training changes, and what a checkpoint saves of it."""
+    model: torch.nn.Module      # the weights being trained (the raw module, not the DDP/compiled wrapper)
+    ema: torch.nn.Module        # their exponential moving average: the weights that are sampled
+    opts: list                  # the optimizers (make_optimizers)
+    step: int = 0               # optimizer steps taken
+
+
 def build_model(cfg, latent_shape, num_classes, lr, device):
-    """FlowAR from its preset, the EMA copy of its weights, and its optimizers."""
+    """FlowAR from its preset, the EMA copy of its weights, and its optimizers: a TrainState."""
     torch.manual_seed(cfg['seed'])  # same init on every rank (DDP also broadcasts it)
     model = flowar.FlowAR.from_preset(cfg['model'], latent_channels=latent_shape[0], num_classes=num_classes,
                                       scales=_default_scales(cfg['model'], latent_shape), init=cfg['init'],
                                       grad_checkpointing=cfg['grad_ckpt'], scale_weighting=cfg['scale_weighting']).to(device)
     model.preset_name = cfg['model']
+    return new_state(model, cfg, lr, device)
+
+
+def new_state(model, cfg, lr, device):
+    """A TrainState at step 0 for `model`: its EMA copy and the optimizers of cfg."""
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    return model, ema, make_optimizers(model, cfg, lr, fused=device.type == 'cuda')
+    return TrainState(model, ema, make_optimizers(model, cfg, lr, fused=device.type == 'cuda'))
 
 
-def train(cfg, run, batch, model, ema, opts, ds, step, train_cfg, sample_grid):
-    """Stage 4: optimizer steps (one global batch each, then the EMA) from `step` to the end
-    of the schedule; logs, checkpoints every --ckpt-every steps and at the end. Ctrl-C on
-    any rank: finish the step, save, exit. Returns the last step."""
-    B, device, log = batch.size, run.device, run.log
+def train(cfg, run, state, ds, *, record, sample_grid=None, make_inputs=make_batch):
+    """Stage 4: optimizer steps (one global batch each, then the EMA) from state.step to the
+    end of the schedule; logs, checkpoints every --ckpt-every steps and at the end. Ctrl-C on
+    any rank: finish the step, save, exit. The one training loop: ablations.py trains its rows
+    with it too.
+    cfg: the recipe (a PRESETS entry with the command line's overrides); run: the processes
+    (setup_distributed); state: a TrainState, advanced in place; ds: a LatentDataset;
+    record: what a checkpoint records as its config (check_resume_config compares it);
+    sample_grid(path): writes a grid (every --sample-every steps); make_inputs: make_batch,
+    or a variant with its signature (ablations.py's image pyramid)."""
+    batch = split_batch(cfg, run.world_size)
+    model, B, device, log = state.model, batch.size, run.device, run.log
+    if len(ds) < B:
+        raise SystemExit(f"the dataset has {len(ds)} items, fewer than one batch of {B}")
     steps_per_epoch = len(ds) // B
     total_steps = cfg['max_steps'] or int(cfg['epochs'] * steps_per_epoch)
     train_model = torch.compile(model) if cfg['compile'] else model  # checkpoints hold the raw module's keys
@@ -470,31 +522,36 @@ def train(cfg, run, batch, model, ema, opts, ds, step, train_cfg, sample_grid):
     previous_handler = signal.signal(signal.SIGINT, lambda *a: stop.update(now=True))
     log(f"[stage flowar] model {cfg['model']} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
         f"{len(ds)} latents {tuple(ds.latent_shape)}, global batch {B} = {run.world_size} ranks x {batch.accum} x "
-        f"{batch.micro}, lr {batch.lr:.2e}, {steps_per_epoch} steps/epoch, steps {step} -> {total_steps}, device {device}, "
-        f"{run.precision}")
+        f"{batch.micro}, lr {batch.lr:.2e}, {steps_per_epoch} steps/epoch, steps {state.step} -> {total_steps}, "
+        f"device {device}, {run.precision}")
     log_file = open(os.path.join(cfg['out'], 'log.jsonl'), 'a') if run.master else None
-    t_log, n_log, t_start, step0 = time.time(), 0, time.time(), step
+    t_log, n_log, t_start, step0 = time.time(), 0, time.time(), state.step
     sums, n_sums, order_epoch = 0.0, 0, None
     train_model.train()
-    while step < total_steps and not _any_rank(stop['now'], run.ddp, device):
+    while state.step < total_steps and not _any_rank(stop['now'], run.ddp, device):
+        step = state.step
         epoch = step // steps_per_epoch
         lr = lr_at(step / steps_per_epoch, batch.lr, cfg['min_lr'], cfg['warmup_epochs'], cfg['epochs'])
-        for group in (g for opt in opts for g in opt.param_groups):
+        for group in (g for opt in state.opts for g in opt.param_groups):
             group['lr'] = lr
         if epoch != order_epoch:
             order, order_epoch = epoch_order(len(ds), cfg['seed'], epoch), epoch
         batch_idx = order[(step % steps_per_epoch) * B:(step % steps_per_epoch + 1) * B]  # global batch
-        step_loss = forward_backward(model, train_model, ds, batch_idx, cfg, step, batch, run)
+        # this rank's micro-batches: (z, y, noise, t) of positions off.. in the global batch
+        offsets = [run.rank * batch.per_rank + m * batch.micro for m in range(batch.accum)]
+        micro_batches = [make_inputs(ds, batch_idx[off:off + batch.micro].tolist(), off, cfg, step,
+                                     model.config, device) for off in offsets]
+        step_loss = forward_backward(train_model, micro_batches, run)
         if not torch.isfinite(step_loss[0]):
             raise SystemExit(f"non-finite loss at step {step} ({step_loss[0].item()}); stopping without "
                              f"saving. The last good checkpoint is {run.ckpt_path}. With --precision bf16 "
                              "try fp32 (the authors report NaNs with mixed precision), or lower --lr.")
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg['grad_clip'] or float('inf'))
-        for opt in opts:
+        for opt in state.opts:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        update_ema(ema, model, ema_decay(cfg['ema'], step))  # warm-up: see ema_decay
-        step += 1
+        update_ema(state.ema, model, ema_decay(cfg['ema'], step))  # warm-up: see ema_decay
+        state.step = step = step + 1
         n_log += B
 
         # --- logging ---
@@ -514,35 +571,34 @@ def train(cfg, run, batch, model, ema, opts, ds, step, train_cfg, sample_grid):
                 log_file.write(json.dumps(rec) + '\n')
                 log_file.flush()
             t_log, n_log = time.time(), 0
-        if step % cfg['ckpt_every'] == 0:
-            save_checkpoint(run, model, ema, opts, step, step // steps_per_epoch, train_cfg)
-        if run.master and cfg['sample_every'] and step % cfg['sample_every'] == 0:
-            sample_grid(os.path.join(cfg['out'], f'samples_{step:07d}.png'))
+        if state.step % cfg['ckpt_every'] == 0:
+            save_checkpoint(run, state, record, steps_per_epoch)
+        if run.master and sample_grid and cfg['sample_every'] and state.step % cfg['sample_every'] == 0:
+            sample_grid(os.path.join(cfg['out'], f'samples_{state.step:07d}.png'))
 
-    save_checkpoint(run, model, ema, opts, step, step // steps_per_epoch, train_cfg)
+    save_checkpoint(run, state, record, steps_per_epoch)
     signal.signal(signal.SIGINT, previous_handler)
     if stop['now']:
-        log(f"[interrupted] checkpoint saved at step {step}: {run.ckpt_path}; rerun the same command to resume")
+        log(f"[interrupted] checkpoint saved at step {state.step}: {run.ckpt_path}; rerun the same command to resume")
         _cleanup(run.ddp)
         sys.exit(130)
-    log(f"[stage flowar] done: {step - step0} steps in {(time.time() - t_start) / 60:.1f} min -> {run.ckpt_path}")
-    return step
+    log(f"[stage flowar] done: {state.step - step0} steps in {(time.time() - t_start) / 60:.1f} min -> {run.ckpt_path}")
+    return state
 
 
-def forward_backward(model, train_model, ds, batch_idx, cfg, step, batch, run):
-    """Gradients of one global batch (`batch_idx`) from this rank's batch.accum micro-batches
-    (loss / accum each: they add up to the mean). Returns its [loss, per-scale losses]."""
-    step_loss = torch.zeros(1 + len(model.scales), device=run.device)
-    for m in range(batch.accum):
-        off = run.rank * batch.per_rank + m * batch.micro        # position in the global batch
-        z, y, noise, t = make_batch(ds, batch_idx[off:off + batch.micro].tolist(), off, cfg, step, model.config, run.device)
+def forward_backward(train_model, micro_batches, run):
+    """Gradients of one global batch from this rank's share of it, `micro_batches` (a list
+    of make_batch's (z, y, noise, t); gradient accumulation when there are several: loss /
+    accum each, so they add up to the mean). Returns its [loss, per-scale losses]."""
+    accum, step_loss = len(micro_batches), 0.0
+    for m, (z, y, noise, t) in enumerate(micro_batches):
         # DDP: sync gradients only on the last micro-step (set before the forward)
-        sync = contextlib.nullcontext() if (not run.ddp or m == batch.accum - 1) else train_model.no_sync()
+        sync = contextlib.nullcontext() if (not run.ddp or m == accum - 1) else train_model.no_sync()
         with sync:
             with torch.autocast(run.device.type, torch.bfloat16, enabled=run.precision == 'bf16'):
                 loss, per_scale = train_model(z, y, noise, t)
-            (loss / batch.accum).backward()
-        step_loss += torch.cat([loss.detach().float()[None], per_scale.float()]) / batch.accum
+            (loss / accum).backward()
+        step_loss = step_loss + torch.cat([loss.detach().float()[None], per_scale.float()]) / accum
     if run.ddp:  # average the logged losses over ranks (and let every rank see a NaN)
         dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
     return step_loss
@@ -584,7 +640,7 @@ def setup_distributed(cfg):
     if ddp:
         dist.barrier()
     return SimpleNamespace(ddp=ddp, rank=rank, world_size=world_size, master=master, device=device,
-                           precision=vae_lib.resolve_precision(cfg['precision'], device),  # 'auto' decided once
+                           precision=resolve_precision(cfg['precision'], device),  # 'auto' decided once
                            log=lambda msg: print(msg, flush=True) if master else None,
                            ckpt_path=os.path.join(cfg['out'], 'ckpt.pt'))
 
@@ -605,19 +661,19 @@ def _cleanup(ddp):
         dist.destroy_process_group()
 
 
-def resume(run, train_cfg, model, ema, opts):
-    """Load run.ckpt_path if it exists: weights, EMA, optimizers, step and this rank's RNG
-    state (exact resume). A fresh run seeds each rank instead. Returns the step to start at."""
+def resume(run, state, record):
+    """Load run.ckpt_path into `state` if it exists: weights, EMA, optimizers, step and this
+    rank's RNG state (exact resume). A fresh run seeds each rank instead. Returns state.step."""
     if not os.path.exists(run.ckpt_path):
-        torch.manual_seed(train_cfg['seed'] + run.rank)  # per-rank seed (dropout inside the model)
-        return 0
+        torch.manual_seed(record['seed'] + run.rank)  # per-rank seed (dropout inside the model)
+        return state.step
     ck = torch.load(run.ckpt_path, map_location='cpu', weights_only=True)
-    check_resume_config(ck['config'], train_cfg, model.config, run.ckpt_path)
-    model.load_state_dict(ck['model'])
-    ema.load_state_dict(ck['ema'])
-    for opt, state in zip(opts, ck['optimizers'], strict=True):  # same --optimizer: checked above
-        opt.load_state_dict(state)
-    step = int(ck['step'])
+    check_resume_config(ck['config'], record, state.model.config, run.ckpt_path)
+    state.model.load_state_dict(ck['model'])
+    state.ema.load_state_dict(ck['ema'])
+    for opt, saved in zip(state.opts, ck['optimizers'], strict=True):  # same --optimizer: checked above
+        opt.load_state_dict(saved)
+    state.step = step = int(ck['step'])
     rng = ck['rng'][run.rank] if run.rank < len(ck['rng']) else ck['rng'][0]
     torch.set_rng_state(rng['torch'])
     if run.device.type == 'cuda' and 'cuda' in rng:
@@ -626,8 +682,9 @@ def resume(run, train_cfg, model, ema, opts):
     return step
 
 
-def save_checkpoint(run, model, ema, opts, step, epoch, config):
-    """run.ckpt_path <- weights, EMA, optimizers, step, config, every rank's RNG (call on all ranks)."""
+def save_checkpoint(run, state, record, steps_per_epoch):
+    """run.ckpt_path <- weights, EMA, optimizers, step, `record` as the config, every rank's
+    RNG (call on all ranks)."""
     rng = {'torch': torch.get_rng_state()}
     if run.device.type == 'cuda':
         rng['cuda'] = torch.cuda.get_rng_state(run.device)
@@ -635,9 +692,9 @@ def save_checkpoint(run, model, ema, opts, step, epoch, config):
     if run.ddp:  # every rank's (all_gather_object overwrites the list)
         dist.all_gather_object(rngs, rng)
     if run.master:  # never lose a checkpoint: temp file, then rename
-        data.atomic_save({'model': model.state_dict(), 'ema': ema.state_dict(),
-                          'optimizers': [opt.state_dict() for opt in opts], 'step': step, 'epoch': epoch,
-                          'config': config, 'rng': rngs}, run.ckpt_path)
+        data.atomic_save({'model': state.model.state_dict(), 'ema': state.ema.state_dict(),
+                          'optimizers': [opt.state_dict() for opt in state.opts], 'step': state.step,
+                          'epoch': state.step // steps_per_epoch, 'config': record, 'rng': rngs}, run.ckpt_path)
 
 
 if __name__ == '__main__':

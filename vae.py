@@ -10,9 +10,9 @@ has roughly unit variance) before the autoregressive model sees it. This file ho
      so MAR's kl16.ckpt loads with no renaming;
   2. the checkpoint format of this project (save_vae / load_vae) plus a strict loader that
      names every missing key, unexpected key and shape mismatch;
-  3. the project's one warm-up + cosine learning-rate schedule (lr_at, also train.py's) and
-     a small trainer for the 'cifar' preset (32x32 images -> (4, 8, 8) latents) that runs
-     on a laptop CPU, with PSNR evaluation and a reconstruction grid, and a CLI:
+  3. a small trainer for the 'cifar' preset (32x32 images -> (4, 8, 8) latents) that runs
+     on a laptop CPU (with train.py's lr schedule and precision policy), with PSNR
+     evaluation and a reconstruction grid, and a CLI:
 
      python vae.py --dataset cifar10 --data-dir data --out out/vae --device cpu
 
@@ -24,6 +24,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -45,9 +46,8 @@ PRESETS = {
                  dec_attn_resolutions=[], z_channels=16, embed_dim=16, resolution=256,
                  in_channels=3, out_ch=3, double_z=True, norm_groups=32),
     # A small VAE for 32x32 images (CIFAR-10, shapes): 32x32x3 -> 8x8x4, the toy FlowAR's
-    # input; 32 channels at 32x32, 64 at 16x16 and 8x8; 1.29M parameters. L1 and MSE losses
-    # gave the same PSNR (21.05 vs 20.93 dB in 3 minutes). The toy trains it 3,300 steps of
-    # batch 16 (~8 minutes on 2 cores in bf16, 25.8 dB on CIFAR-10 test; train.py's preset).
+    # input; 32 channels at 32x32, 64 at 16x16 and 8x8; 1.29M parameters. The toy's budget
+    # for it is in train.py's preset; its losses and PSNR: docs/toy.md, "VAE".
     'cifar': dict(ch=32, ch_mult=[1, 2, 2], num_res_blocks=2, attn_resolutions=[],
                   dec_attn_resolutions=[], z_channels=4, embed_dim=4, resolution=32,
                   in_channels=3, out_ch=3, double_z=True, norm_groups=32),
@@ -401,38 +401,6 @@ def load_vae(path, device='cpu'):
 # -----------------------------------------------------------------------------
 # Training (cifar preset; pixels only, no perceptual or adversarial loss)
 
-def resolve_precision(precision, device):
-    """The training steps' precision, for both stages (train.py imports it): 'fp32', 'bf16'
-    (torch.autocast), or 'auto' = bf16 where the device multiplies bf16 natively (a CUDA GPU
-    with bf16, a CPU with AVX512-BF16 or AMX), else fp32. On 2 AMD EPYC cores with
-    AVX512-BF16, bf16 trains this VAE 1.45x and the toy FlowAR 1.6x as fast as fp32; a
-    CPU without it would emulate bf16, slower than fp32."""
-    if precision not in ('fp32', 'bf16', 'auto'):
-        raise ValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
-    if precision != 'auto':
-        return precision
-    if torch.device(device).type == 'cuda':
-        return 'bf16' if torch.cuda.is_bf16_supported() else 'fp32'
-    # torch's private CPU probes; a torch version without them cannot tell, and gets fp32
-    probe = lambda name: getattr(torch.cpu, name, lambda: False)()
-    native = probe('_is_avx512_bf16_supported') or probe('_is_amx_tile_supported')
-    return 'bf16' if native else 'fp32'
-
-
-def lr_at(x, lr, min_lr, warmup, end):
-    """The one learning-rate schedule of the project, for both stages (this VAE and the
-    FlowAR model in train.py, which imports it): linear warm-up from 0 to `lr` over
-    `warmup`, then half a cosine from `lr` down to `min_lr` at `end`, and `min_lr` after it.
-    x is the training position in any unit (fractional epochs in train.py, steps here).
-    The paper's FlowAR recipe is 100 warm-up + 300 cosine epochs, 4e-4 -> 1e-5."""
-    if x < warmup:
-        return lr * x / warmup
-    if x >= end:
-        return min_lr
-    progress = (x - warmup) / max(end - warmup, 1e-12)
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 @torch.no_grad()
 def reconstruct(model, images, batch_size=256, device='cpu'):
     """uint8 (N, H, W, 3) -> uint8 reconstructions via the posterior mode (deterministic)."""
@@ -477,7 +445,7 @@ class ConvMuon(torch.optim.Optimizer):
     as the matrix (out, in*k*k) and orthogonalised by five Newton-Schulz steps (bf16),
     scaled by Moonshot's 0.2 * sqrt(max(out, in*k*k)) so its RMS is an Adam update's and
     the Adam lr and schedule carry over. No weight decay (the VAE's Adam has none).
-    On the toy VAE it adds 1.1 dB at the same steps (README, "What makes the toy work")."""
+    The toy VAE uses it for its better reconstructions at the same steps (docs/toy.md, "VAE")."""
 
     def __init__(self, params, lr, momentum=0.95):
         super().__init__(params, dict(lr=lr, momentum=momentum))
@@ -505,7 +473,7 @@ class ConvMuon(torch.optim.Optimizer):
                 if p.grad is not None:
                     same_shape.setdefault(p.shape, []).append(p)
             # weights of one shape are orthogonalised as one stack: bit for bit the result of
-            # one by one, and 1.6x faster on the toy VAE (52 kernels of 7 shapes)
+            # one by one, and faster (the toy VAE has 52 kernels of 7 shapes; docs/speed.md)
             for ps in same_shape.values():
                 bufs = [self.state[p].setdefault('momentum_buffer', torch.zeros_like(p)) for p in ps]
                 for p, buf in zip(ps, bufs):
@@ -537,8 +505,7 @@ def standardize_latent_channels(model, images, batch_size=256, device='cpu', max
     then outputs mean' = (mean - m_c) / s_c and logvar' = logvar - 2 log s_c, and
     post_quant_conv undoes it (its input z' * s_c + m_c). The reconstructions are unchanged.
     Why: the toy VAE's channels come out of training with arbitrary offsets and spreads
-    (means up to 1.2 and sds 0.35-1.2 after the global scale factor, differing by seed),
-    while flow matching starts every channel from N(0, 1); SD3 shifts and scales its
+    that differ by seed (docs/toy.md, "VAE"), while flow matching starts every channel from N(0, 1); SD3 shifts and scales its
     latent for the same reason. TOY ONLY: MAR's KL-16 (the released models' VAE) keeps one
     global factor, 0.2325, and no shift; this runs only in train_vae. The encoder runs once,
     in bf16 autocast where precision is 'bf16' (as the latent cache is encoded).
@@ -625,9 +592,8 @@ def _batch_loss(model, x, loss, kl_weight):
 
 def _schedule_position(step, steps, warmup, elapsed, time_budget_s):
     # the x of lr_at, in steps. The warm-up counts the step being taken (step + 1), so the
-    # first step is not spent at lr 0: that is this VAE's trajectory since the toy recipe was
-    # measured, and the toy is sensitive to it (with x = step: VAE 21.82 instead of 22.36 dB,
-    # toy accuracy 0.640 instead of 0.740). With a time budget, the cosine part moves by the
+    # first step is not spent at lr 0: the toy recipe was measured on this trajectory and is
+    # sensitive to it (docs/toy.md, "VAE"). With a time budget, the cosine part moves by the
     # further along of the step and the elapsed fraction of the budget, so the lr is
     # annealed when the budget runs out even if `steps` was set too high
     if step < warmup:
@@ -647,33 +613,50 @@ def _log_progress(step, steps, batch_size, ips, budget_left, total, rec_loss, kl
           f"kl {kl.item():.4f} lr {lr:.2e} {ips:.0f} img/s ETA {eta / 60:.1f} min", flush=True)
 
 
-def train_vae(images, out_path, *, steps=2800, batch_size=16, lr=2e-3, device='cpu',
-              log_every=100, time_budget_s=None, seed=0, resume=True, preset='cifar',
-              loss='l1', kl_weight=1e-6, ckpt_every=500, config=None, stop_at_step=None,
-              precision='fp32', optimizer='muon'):
-    """Train a VAE on uint8 images (N, H, W, 3) and write it with save_vae to out_path.
+@dataclass
+class VAERecipe:
+    """How train_vae trains the VAE; the defaults are the CPU toy's (train.py's preset)."""
+    steps: int = 2800
+    batch_size: int = 16
+    lr: float = 2e-3             # peak lr: warm-up, then cosine to 10% of it at `steps`
+    optimizer: str = 'muon'      # 'adam', or 'muon' on the inner convolutions (make_vae_optimizers)
+    loss: str = 'l1'             # pixel reconstruction loss, 'l1' or 'mse'
+    kl_weight: float = 1e-6      # weight of the KL per pixel value (LDM's)
+    precision: str = 'fp32'      # 'fp32', 'bf16' or 'auto' (train.resolve_precision)
+    seed: int = 0                # init, batches, flips and posterior noise
+
+
+def train_vae(images, out_path, recipe=VAERecipe(), *, config=None, device='cpu', resume=True,
+              time_budget_s=None, stop_at_step=None, log_every=100, ckpt_every=500):
+    """Train a VAE (config: a PRESETS entry, default 'cifar') on uint8 images (N, H, W, 3)
+    with `recipe` and write it with save_vae to out_path.
 
     Each step: a random flipped batch (_random_batch), its loss (_batch_loss; in bf16
-    autocast where resolve_precision(precision) says bf16), one step of the optimizers of
-    make_vae_optimizers (Adam, or Muon on the inner convolutions and Adam on the rest) at the lr of lr_at
-    (warm-up, then cosine to 10% of lr at `steps`). Training stops after
-    `steps` steps, or once time_budget_s seconds of training have passed in this call, or
-    after step stop_at_step (a deterministic interruption, for chunked runs and tests).
-    The training state is saved every ckpt_every steps and at the end to
-    train_state_path(out_path); with resume=True a later call continues from it. Finally
-    the latent channels are standardized and the scale factor measured (then about 1) in one
-    pass (standardize_latent_channels), and the model saved with save_vae. Returns out_path.
+    autocast where resolve_precision(recipe.precision) says bf16), one step of the optimizers
+    of make_vae_optimizers at the lr of lr_at (warm-up, then cosine to 10% of lr at
+    recipe.steps). Training stops after recipe.steps steps, or once time_budget_s seconds of
+    training have passed in this call, or after step stop_at_step (a deterministic
+    interruption, for chunked runs and tests). The training state is saved every ckpt_every
+    steps and at the end to train_state_path(out_path); with resume=True a later call
+    continues from it. Finally the latent channels are standardized and the scale factor
+    measured (then about 1) in one pass (standardize_latent_channels), and the model saved
+    with save_vae. Returns out_path.
     """
+    r = recipe
+    steps, batch_size, lr, seed = r.steps, r.batch_size, r.lr, r.seed
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"train_vae wants uint8 images of shape (N, H, W, 3), got "
                          f"{images.dtype} {images.shape}")
-    if loss not in ('l1', 'mse'):
-        raise ValueError(f"loss must be 'l1' or 'mse', got {loss!r}")
+    if r.loss not in ('l1', 'mse'):
+        raise ValueError(f"loss must be 'l1' or 'mse', got {r.loss!r}")
+    # train.py owns the lr schedule and the precision policy of both stages (imported here,
+    # not at the top, because train.py imports this file)
+    from train import lr_at, resolve_precision
     device = torch.device(device)
-    bf16 = resolve_precision(precision, device) == 'bf16'
+    bf16 = resolve_precision(r.precision, device) == 'bf16'
     torch.manual_seed(seed)                        # model init and the posterior noise
-    model = AutoencoderKL(config if config is not None else PRESETS[preset]).to(device)
-    opts = make_vae_optimizers(model, lr, optimizer)
+    model = AutoencoderKL(config if config is not None else PRESETS['cifar']).to(device)
+    opts = make_vae_optimizers(model, lr, r.optimizer)
     data_gen = torch.Generator().manual_seed(seed + 1)  # batch indices and flips (CPU)
     state_path = train_state_path(out_path)
     step = 0
@@ -698,7 +681,7 @@ def train_vae(images, out_path, *, steps=2800, batch_size=16, lr=2e-3, device='c
             group['lr'] = lr_at(x_sched, lr, 0.1 * lr, warmup, steps)
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
             total, rec_loss, kl = _batch_loss(model, _random_batch(images_t, batch_size, data_gen, device),
-                                              loss, kl_weight)
+                                              r.loss, r.kl_weight)
         for o in opts:
             o.zero_grad(set_to_none=True)
         total.backward()
@@ -765,10 +748,10 @@ def main():
 
     out_path = os.path.join(args.out, 'vae.pt')
     t0 = time.time()
-    train_vae(train_images, out_path, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-              device=args.device, log_every=args.log_every, time_budget_s=args.time_budget,
-              seed=args.seed, resume=not args.no_resume, loss=args.loss,
-              kl_weight=args.kl_weight, precision=args.precision, optimizer=args.optimizer)
+    recipe = VAERecipe(steps=args.steps, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                       loss=args.loss, kl_weight=args.kl_weight, precision=args.precision, seed=args.seed)
+    train_vae(train_images, out_path, recipe, device=args.device, resume=not args.no_resume,
+              time_budget_s=args.time_budget, log_every=args.log_every)
     print(f"[vae] wall-clock for training + scale factor: {time.time() - t0:.0f}s")
     model, scale = load_vae(out_path, args.device)
     psnr = evaluate_psnr(model, test_images, device=args.device)
