@@ -71,24 +71,33 @@ _IMAGENET = dict(
     seed=0, device='',
 )
 
+# The CPU toy: a 1.9M-parameter FlowAR on 4x8x8 latents of a small VAE trained here, sized
+# for a short run on 2 CPU cores: the VAE (2,800 steps of batch 16, Muon; more updates on the
+# same images beat bigger batches), the latent cache (no flipped copies), FlowAR (2.5 epochs,
+# scales {1, 8}, logit-normal t, Muon). Each choice and its measurement: docs/toy.md; the
+# time of each stage per CPU: docs/speed.md.
+_TOY = dict(
+    model='toy', dataset='cifar10', data_dir='data', out='out/cifar-toy', vae='',
+    image_size=32, subset=0, batch_size=64, micro_batch=0,
+    blr=0.0, lr=2e-3, min_lr=1e-5, epochs=2.5, warmup_epochs=0.1, max_steps=0,
+    optimizer='muon', weight_decay=0.02, beta1=0.9, beta2=0.95, grad_clip=3.0, ema=0.999, label_drop=0.1,
+    grad_ckpt=False, precision='auto', compile=False, scale_weighting='tokens',
+    init='released', t_sampling='logit-normal', vae_max_steps=2800, vae_batch_size=16, vae_optimizer='muon',
+    cache_batch_size=256,
+    cache_flips=False,
+    log_every=50, ckpt_every=500, sample_every=0, num_sample_classes=10,
+    seed=0, device='',
+)
+
 PRESETS = {
-    # The CPU toy: a 1.9M-parameter FlowAR on 4x8x8 latents of a small VAE trained here,
-    # sized for a short run on 2 CPU cores: the VAE (2,800 steps of batch 16, Muon; more
-    # updates on the same images beat bigger batches), the latent cache (no flipped
-    # copies), FlowAR (2.5 epochs, scales {1, 8}, logit-normal t, Muon). Each choice and
-    # its measurement: docs/toy.md; the time of each stage per CPU: docs/speed.md.
-    'cifar-toy': dict(
-        model='toy', dataset='cifar10', data_dir='data', out='out/cifar-toy', vae='',
-        image_size=32, subset=0, batch_size=64, micro_batch=0,
-        blr=0.0, lr=2e-3, min_lr=1e-5, epochs=2.5, warmup_epochs=0.1, max_steps=0,
-        optimizer='muon', weight_decay=0.02, beta1=0.9, beta2=0.95, grad_clip=3.0, ema=0.999, label_drop=0.1,
-        grad_ckpt=False, precision='auto', compile=False, scale_weighting='tokens',
-        init='released', t_sampling='logit-normal', vae_max_steps=2800, vae_batch_size=16, vae_optimizer='muon',
-        cache_batch_size=256,
-        cache_flips=False,
-        log_every=50, ckpt_every=500, sample_every=0, num_sample_classes=10,
-        seed=0, device='',
-    ),
+    'cifar-toy': _TOY,
+    # The smoke run: every stage of the toy end to end (VAE, latent cache, FlowAR, grid) in
+    # about 3 minutes on 2 CPU cores, to check an install or walk through the pipeline in a
+    # lab: 4,000 images, 150 VAE steps, 400 FlowAR steps of batch 16 (more steps beat bigger
+    # batches this short). Its grid shows layouts, not objects. `--dataset shapes`: the same,
+    # no download (docs/speed.md, "Smoke run").
+    'cifar-smoke': dict(_TOY, out='out/cifar-smoke', subset=4000, vae_max_steps=150, batch_size=16,
+                        epochs=1.6, log_every=100),
     # ImageNet 256x256 with the MAR KL-16 VAE (--vae kl16.ckpt): the paper's recipe.
     # micro_batch = per-GPU batch per forward; gradient accumulation fills the rest.
     'imagenet-S': dict(_IMAGENET, model='S', out='out/imagenet-S', micro_batch=64),
@@ -211,21 +220,76 @@ def lr_at(x, lr, min_lr, warmup, end):
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def native_bf16(device):
+    """Does `device` multiply bf16 natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or
+    AMX)? Elsewhere bf16 is emulated, slower than fp32 (docs/speed.md, "bf16 on the CPU")."""
+    if torch.device(device).type == 'cuda':
+        return torch.cuda.is_bf16_supported()
+    # torch's private CPU probes; a torch version without them cannot tell, and gets False
+    probe = lambda name: getattr(torch.cpu, name, lambda: False)()
+    return bool(probe('_is_avx512_bf16_supported') or probe('_is_amx_tile_supported'))
+
+
 def resolve_precision(precision, device):
     """The training steps' precision, for both stages (and the latent cache's encoding):
-    'fp32', 'bf16' (torch.autocast), or 'auto' = bf16 where the device multiplies bf16
-    natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 or AMX), else fp32: a CPU without
-    native bf16 would emulate it, slower than fp32 (docs/speed.md)."""
+    'fp32', 'bf16' (torch.autocast), or 'auto' = bf16 where the device has native_bf16,
+    else fp32."""
     if precision not in ('fp32', 'bf16', 'auto'):
         raise ValueError(f"precision must be fp32, bf16 or auto, got {precision!r}")
     if precision != 'auto':
         return precision
-    if torch.device(device).type == 'cuda':
-        return 'bf16' if torch.cuda.is_bf16_supported() else 'fp32'
-    # torch's private CPU probes; a torch version without them cannot tell, and gets fp32
-    probe = lambda name: getattr(torch.cpu, name, lambda: False)()
-    native = probe('_is_avx512_bf16_supported') or probe('_is_amx_tile_supported')
-    return 'bf16' if native else 'fp32'
+    return 'bf16' if native_bf16(device) else 'fp32'
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024), the optimizer of the toy's matrices in both stages: Nesterov
+    momentum, then the update orthogonalised by five Newton-Schulz steps, decoupled weight
+    decay, and Moonshot's 'match_rms_adamw' scale 0.2 * sqrt(max(rows, cols)), which gives the
+    update the RMS of an AdamW update, so one lr and schedule drive Muon and AdamW. It
+    computes torch.optim.Muon's steps (bit for bit in bf16), with two additions: convolution
+    kernels (out, in, k, k) are orthogonalised as (out, in*k*k) matrices, and weights of one
+    shape as one stack. ns_dtype: the Newton-Schulz precision; default bf16 (Keller Jordan's
+    and torch's) where the device has native_bf16, else fp32, because emulated bf16 costs a
+    CPU without it most of the optimizer step (docs/speed.md, "Muon")."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.95, ns_dtype=None):
+        params = list(params)
+        if ns_dtype is None:
+            ns_dtype = torch.bfloat16 if params and native_bf16(params[0].device) else torch.float32
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum))
+        self.ns_dtype = ns_dtype
+
+    @staticmethod
+    def orthogonalize(g, dtype=torch.bfloat16, steps=5, eps=1e-7):
+        """The quintic Newton-Schulz iteration X -> aX + (bA + cA^2)X, A = XX^T, which pushes
+        the singular values of g / |g| towards 1 (to about 0.7-1.2); torch.optim.Muon's
+        coefficients and order of operations. g: (n, r, c), a stack, each matrix on its own."""
+        a, b, c = 3.4445, -4.7750, 2.0315
+        x = g.to(dtype)
+        tall = x.shape[-2] > x.shape[-1]
+        x = x.mT if tall else x                                        # (n, short, long)
+        x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+        for _ in range(steps):
+            A = x @ x.mT
+            x = torch.baddbmm(x, torch.baddbmm(A, A, A, beta=b, alpha=c), x, beta=a)
+        return x.mT if tall else x
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            m, lr, same_shape = group['momentum'], group['lr'], {}
+            for p in group['params']:
+                if p.grad is not None:
+                    same_shape.setdefault(p.shape, []).append(p)
+            for ps in same_shape.values():
+                bufs = [self.state[p].setdefault('momentum_buffer', torch.zeros_like(p)) for p in ps]
+                for p, buf in zip(ps, bufs):
+                    buf.lerp_(p.grad, 1 - m)
+                u = torch.stack([p.grad.lerp(buf, m) for p, buf in zip(ps, bufs)]).flatten(2)  # (n, out, in*k*k)
+                o = self.orthogonalize(u, self.ns_dtype)
+                for p, o_p in zip(ps, o):
+                    p.mul_(1 - lr * group['weight_decay'])
+                    p.add_(o_p.view_as(p), alpha=-(lr * (0.2 * math.sqrt(max(u.shape[1:])))))  # torch's rounding
 
 
 def param_groups(named_parameters, weight_decay):
@@ -239,11 +303,9 @@ def param_groups(named_parameters, weight_decay):
 
 
 def make_optimizers(model, cfg, lr, fused=False):
-    """[AdamW] (the paper), or for --optimizer muon [Muon, AdamW]: Muon (Jordan et al. 2024,
-    torch.optim.Muon: momentum, then the update orthogonalised by Newton-Schulz) on the 2-D
+    """[AdamW] (the paper), or for --optimizer muon [Muon, AdamW]: Muon (above) on the 2-D
     weights of the transformer blocks, AdamW on the rest (embeddings, input and output maps,
-    norms, biases). Moonshot's 'match_rms_adamw' scaling gives Muon's update the RMS of an
-    AdamW update, so one lr and schedule drive both.
+    norms, biases).
     TOY DEVIATION: the paper trains with AdamW; the toy uses Muon, which reaches a lower
     loss and FD in its budget (docs/toy.md, "Optimizer"); the ImageNet presets keep AdamW."""
     adamw = lambda params: torch.optim.AdamW(param_groups(params, cfg['weight_decay']), lr=lr,
@@ -252,8 +314,7 @@ def make_optimizers(model, cfg, lr, fused=False):
         return [adamw(model.named_parameters())]
     is_muon = lambda name, p: p.ndim == 2 and 'blocks.' in name
     params = list(model.named_parameters())
-    return [torch.optim.Muon([p for n, p in params if is_muon(n, p)], lr=lr, weight_decay=cfg['weight_decay'],
-                             adjust_lr_fn='match_rms_adamw'),
+    return [Muon([p for n, p in params if is_muon(n, p)], lr=lr, weight_decay=cfg['weight_decay']),
             adamw([(n, p) for n, p in params if not is_muon(n, p)])]
 
 

@@ -439,61 +439,20 @@ def save_recon_grid(model, images, path, n=16, device='cpu'):
     return path
 
 
-class ConvMuon(torch.optim.Optimizer):
-    """Muon (Jordan et al. 2024) for convolution weights (out, in, k, k), which
-    torch.optim.Muon (2-D matrices only) refuses: Nesterov momentum 0.95, the update seen
-    as the matrix (out, in*k*k) and orthogonalised by five Newton-Schulz steps (bf16),
-    scaled by Moonshot's 0.2 * sqrt(max(out, in*k*k)) so its RMS is an Adam update's and
-    the Adam lr and schedule carry over. No weight decay (the VAE's Adam has none).
-    The toy VAE uses it for its better reconstructions at the same steps (docs/toy.md, "VAE")."""
-
-    def __init__(self, params, lr, momentum=0.95):
-        super().__init__(params, dict(lr=lr, momentum=momentum))
-
-    @staticmethod
-    def orthogonalize(g, steps=5):
-        # the quintic Newton-Schulz iteration of Keller Jordan's Muon: X -> aX + (bA + cA^2)X,
-        # A = XX^T, pushes the singular values of g / |g| towards 1 (to about 0.7-1.2).
-        # g: (..., r, c), a stack of matrices, each orthogonalised on its own
-        a, b, c = 3.4445, -4.7750, 2.0315
-        x = g.bfloat16()
-        wide = x.shape[-2] <= x.shape[-1]
-        x = x if wide else x.mT                                       # (..., short, long)
-        x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-        for _ in range(steps):
-            A = x @ x.mT
-            x = a * x + (b * A + c * A @ A) @ x
-        return (x if wide else x.mT).to(g.dtype)
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            m, same_shape = group['momentum'], {}
-            for p in group['params']:
-                if p.grad is not None:
-                    same_shape.setdefault(p.shape, []).append(p)
-            # weights of one shape are orthogonalised as one stack: bit for bit the result of
-            # one by one, and faster (the toy VAE has 52 kernels of 7 shapes; docs/speed.md)
-            for ps in same_shape.values():
-                bufs = [self.state[p].setdefault('momentum_buffer', torch.zeros_like(p)) for p in ps]
-                for p, buf in zip(ps, bufs):
-                    buf.lerp_(p.grad, 1 - m)
-                u = torch.stack([p.grad.lerp(buf, m) for p, buf in zip(ps, bufs)]).flatten(2)  # (n, out, in*k*k)
-                o = self.orthogonalize(u)
-                for p, o_p in zip(ps, o):
-                    p.add_(o_p.view_as(p), alpha=-group['lr'] * 0.2 * math.sqrt(max(u.shape[1:])))
-
-
 def make_vae_optimizers(model, lr, optimizer='muon'):
-    """[Adam], or for 'muon' [ConvMuon on the inner convolutions (at least 16 channels in
-    and out: not the first and last layers, nor the 1x1 maps to and from the 4-channel
-    latent), Adam on the rest (those, the norms, the biases)]."""
+    """[Adam], or for 'muon' [Muon on the inner convolutions (at least 16 channels in and
+    out: not the first and last layers, nor the 1x1 maps to and from the 4-channel latent),
+    Adam on the rest (those, the norms, the biases)]. train.Muon: FlowAR's Muon, which sees a
+    kernel (out, in, k, k) as an (out, in*k*k) matrix; no weight decay (the VAE's Adam has
+    none). The toy VAE uses it for its better reconstructions at the same steps (docs/toy.md,
+    "VAE")."""
     if optimizer not in ('adam', 'muon'):
         raise ValueError(f"optimizer must be 'adam' or 'muon', got {optimizer!r}")
     if optimizer == 'adam':
         return [torch.optim.Adam(model.parameters(), lr=lr)]
+    from train import Muon  # train.py owns it (imported here: train.py imports this file)
     is_muon = lambda p: p.ndim == 4 and p.shape[0] >= 16 and p.shape[1] >= 16
-    return [ConvMuon([p for p in model.parameters() if is_muon(p)], lr=lr),
+    return [Muon([p for p in model.parameters() if is_muon(p)], lr=lr),
             torch.optim.Adam([p for p in model.parameters() if not is_muon(p)], lr=lr)]
 
 

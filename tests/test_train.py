@@ -51,7 +51,7 @@ def test_make_optimizers_splits_the_parameters_once():
     (adamw,) = train.make_optimizers(model, dict(cfg, optimizer='adamw'), 1e-3)
     assert isinstance(adamw, torch.optim.AdamW)
     muon, adamw = train.make_optimizers(model, dict(cfg, optimizer='muon'), 1e-3)
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, train.Muon) and isinstance(adamw, torch.optim.AdamW)
     on_muon = {names[id(p)] for g in muon.param_groups for p in g['params']}
     on_adamw = {names[id(p)] for g in adamw.param_groups for p in g['params']}
     assert not on_muon & on_adamw and on_muon | on_adamw == set(names.values())  # every parameter exactly once
@@ -66,6 +66,42 @@ def test_make_optimizers_splits_the_parameters_once():
     muon.step()
     rms = (w.detach() - before * (1 - 1e-3 * cfg['weight_decay'])).pow(2).mean().sqrt().item()
     assert 0.15e-3 < rms < 0.3e-3, rms
+
+
+def test_muon_is_torchs_in_bf16_and_close_to_it_in_fp32(monkeypatch):
+    # train.Muon computes torch.optim.Muon's steps (match_rms_adamw, weight decay, Nesterov)
+    # bit for bit with the Newton-Schulz steps in bf16, for a stack of same-shape weights too
+    torch.manual_seed(0)
+    shapes = [(64, 64), (192, 64), (64, 192), (192, 64)]
+    def run(make, steps=3):
+        torch.manual_seed(0)
+        ws = [torch.nn.Parameter(torch.randn(s) * 0.1) for s in shapes]
+        opt = make(ws)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(steps):
+            for w in ws:
+                w.grad = torch.randn(w.shape, generator=g)
+            opt.step()
+        return ws
+    ref = run(lambda ws: torch.optim.Muon(ws, lr=0.01, weight_decay=0.1, adjust_lr_fn='match_rms_adamw'))
+    ours = run(lambda ws: train.Muon(ws, lr=0.01, weight_decay=0.1, ns_dtype=torch.bfloat16))
+    assert all(torch.equal(a, b) for a, b in zip(ref, ours))
+    fp32 = run(lambda ws: train.Muon(ws, lr=0.01, weight_decay=0.1, ns_dtype=torch.float32))
+    for a, b in zip(ref, fp32):   # fp32 Newton-Schulz: the same step up to bf16's rounding
+        assert 0 < (a - b).abs().max() < 0.02 * a.detach().abs().max()
+    # Newton-Schulz maps random matrices (tall or wide, any scale) to singular values near 1,
+    # each matrix of a stack on its own
+    gs = torch.randn(3, 64, 288) * torch.tensor([1.0, 100.0, 0.01])[:, None, None]
+    for dtype in (torch.bfloat16, torch.float32):
+        for g in (gs, gs.mT):
+            o = train.Muon.orthogonalize(g, dtype)
+            sv = torch.linalg.svdvals(o.float())
+            assert sv.min() > 0.5 and sv.max() < 1.5, (dtype, sv.min(), sv.max())
+            assert torch.allclose(o[1].float(), train.Muon.orthogonalize(g[1:2], dtype)[0].float(), atol=2e-3)
+    # the default precision of the Newton-Schulz steps: bf16 only where it is native
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(train, 'native_bf16', lambda device, native=native: native)
+        assert train.Muon([torch.nn.Parameter(torch.zeros(4, 4))], lr=1.0).ns_dtype == want
 
 
 # ---------------------------------------------------------------------------------------

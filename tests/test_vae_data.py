@@ -1,5 +1,5 @@
 """Tests of vae.py (the KL-16 and toy VAEs, posterior, checkpoints, training and its lr
-schedule, latent standardisation, ConvMuon, PSNR) and data.py (atomic files, the
+schedule, latent standardisation, its Muon/Adam split, PSNR) and data.py (atomic files, the
 CIFAR-10 reader and download, crop, image folders, shapes, the latent cache, the allocator
 setting). The real-CIFAR-10 test skips without ../shared/data."""
 
@@ -274,14 +274,7 @@ def test_conv_muon_orthogonalises_with_momentum_at_adam_rms():
     for first_last_latent in ('encoder.conv_in.weight', 'encoder.conv_out.weight', 'quant_conv.weight',
                               'post_quant_conv.weight', 'decoder.conv_in.weight', 'decoder.conv_out.weight'):
         assert first_last_latent in on_adam
-    # Newton-Schulz maps a random matrix (tall or wide) to singular values near 1
-    for shape in ((64, 288), (288, 64)):
-        sv = torch.linalg.svdvals(vae.ConvMuon.orthogonalize(torch.randn(shape)).float())
-        assert sv.min() > 0.5 and sv.max() < 1.5, (shape, sv.min(), sv.max())
-    # a stack (how step() batches weights of one shape) is orthogonalised matrix by matrix
-    gs = torch.randn(3, 64, 288) * torch.tensor([1.0, 100.0, 0.01])[:, None, None]
-    for i in range(3):
-        assert torch.allclose(vae.ConvMuon.orthogonalize(gs)[i], vae.ConvMuon.orthogonalize(gs[i]), atol=2e-3)
+    assert isinstance(muon, train.Muon) and muon.param_groups[0]['weight_decay'] == 0.0
     # step 1 moves against the gradient with the RMS of an Adam step (0.2 lr); step 2 with a
     # zero gradient still moves, by the momentum alone
     w = model.encoder.down[0].block[0].conv1.weight
