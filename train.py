@@ -91,11 +91,11 @@ _TOY = dict(
 
 PRESETS = {
     'cifar-toy': _TOY,
-    # The smoke run: every stage of the toy end to end (VAE, latent cache, FlowAR, grid) in
-    # about 3 minutes on 2 CPU cores, to check an install or walk through the pipeline in a
-    # lab: 4,000 images, 150 VAE steps, 400 FlowAR steps of batch 16 (more steps beat bigger
+    # The smoke run: every stage of the toy end to end (VAE, latent cache, FlowAR, grid) in a
+    # few minutes on 2 CPU cores, to check an install or walk through the pipeline in a lab:
+    # 4,000 images, 150 VAE steps, 400 FlowAR steps of batch 16 (more steps beat bigger
     # batches this short). Its grid shows layouts, not objects. `--dataset shapes`: the same,
-    # no download (docs/speed.md, "Smoke run").
+    # no download. Its time: docs/speed.md, "Smoke run".
     'cifar-smoke': dict(_TOY, out='out/cifar-smoke', subset=4000, vae_max_steps=150, batch_size=16,
                         epochs=1.6, log_every=100),
     # ImageNet 256x256 with the MAR KL-16 VAE (--vae kl16.ckpt): the paper's recipe.

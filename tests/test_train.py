@@ -295,6 +295,18 @@ def test_checkpoint_from_another_config_is_refused_naming_the_fields(toy_setup, 
         train.check_resume_config(dict(saved, optimizer='adamw'), dict(saved, optimizer='muon'), m, 'ck.pt')
 
 
+def test_the_smoke_preset_is_the_toy_with_a_smaller_budget():
+    # cifar-smoke runs the toy's recipe (model, VAE, optimizers, precision, t, scales) on
+    # fewer images and steps: only its budget differs, so it checks the toy's own pipeline
+    toy, smoke = train.PRESETS['cifar-toy'], train.PRESETS['cifar-smoke']
+    assert set(smoke) == set(toy)
+    assert {k for k in toy if toy[k] != smoke[k]} == {'out', 'subset', 'vae_max_steps', 'batch_size', 'epochs',
+                                                      'log_every'}
+    cfg = train.parse_args(['--preset', 'cifar-smoke', '--dataset', 'shapes'])
+    assert (cfg['subset'], cfg['vae_max_steps'], cfg['batch_size'], cfg['dataset']) == (4000, 150, 16, 'shapes')
+    assert int(cfg['epochs'] * (cfg['subset'] // cfg['batch_size'])) == 400       # FlowAR steps
+
+
 def test_bad_cli_values_are_refused(capsys):
     for argv, msg in ((['--batch-size', '0'], '--batch-size must be > 0'),
                       (['--preset', 'imagenet-XL'], 'unknown --preset'),
