@@ -93,11 +93,12 @@ PRESETS = {
     'cifar-toy': _TOY,
     # The smoke run: every stage of the toy end to end (VAE, latent cache, FlowAR, grid) in a
     # few minutes on 2 CPU cores, to check an install or walk through the pipeline in a lab:
-    # 4,000 images, 150 VAE steps, 400 FlowAR steps of batch 16 (more steps beat bigger
-    # batches this short). Its grid shows layouts, not objects. `--dataset shapes`: the same,
-    # no download. Its time: docs/speed.md, "Smoke run".
-    'cifar-smoke': dict(_TOY, out='out/cifar-smoke', subset=4000, vae_max_steps=150, batch_size=16,
-                        epochs=1.6, log_every=100),
+    # 4,000 images, 700 VAE steps (the VAE's colour comes between 500 and 700), 600 FlowAR
+    # steps of batch 16 (more steps beat bigger batches this short). Its grid shows colours
+    # and layouts, not objects. `--dataset shapes`: the same, no download. Its time and
+    # score: docs/speed.md, "Smoke run".
+    'cifar-smoke': dict(_TOY, out='out/cifar-smoke', subset=4000, vae_max_steps=700, batch_size=16,
+                        epochs=2.4, log_every=100),
     # ImageNet 256x256 with the MAR KL-16 VAE (--vae kl16.ckpt): the paper's recipe.
     # micro_batch = per-GPU batch per forward; gradient accumulation fills the rest.
     'imagenet-S': dict(_IMAGENET, model='S', out='out/imagenet-S', micro_batch=64),

@@ -110,8 +110,7 @@ def test_muon_is_torchs_in_bf16_and_close_to_it_in_fp32(monkeypatch):
 
 def test_label_dropout_uses_the_null_class():
     # CFG training (Sec. 4): train.make_batch replaces a label by the null class
-    # (index num_classes) with probability label_drop, and the model sees the difference.
-    model = tiny_model()
+    # (index num_classes) with probability label_drop (the draw: train.sample_randomness).
     ds = _FakeMoments(torch.randn(64, 1, 8, 8, 8), torch.arange(64) % 10)
     mcfg = dict(scales=[[1, 1], [2, 2], [4, 4], [8, 8]], latent_channels=4, num_classes=10)
     ys = [train.make_batch(ds, list(range(64)), 0, dict(seed=0, label_drop=p), 3, mcfg, 'cpu')[1]
@@ -119,11 +118,44 @@ def test_label_dropout_uses_the_null_class():
     assert torch.equal(ys[0], torch.arange(64) % 10) and torch.all(ys[2] == 10)
     dropped = ys[1] == 10
     assert 16 < int(dropped.sum()) < 48 and torch.equal(ys[1][~dropped], ys[0][~dropped])
+
+
+def test_the_null_class_changes_the_loss():
+    # ...and the model sees the difference
+    model = tiny_model()
     z = torch.randn(3, 4, 8, 8)
     noise, t = fm_inputs(z)
     a, _ = model(z, torch.tensor([1, 2, 3]), noise, t)
     c, _ = model(z, torch.full((3,), 10), noise, t)
     assert not torch.allclose(a, c)
+
+
+def test_sample_randomness_is_one_generator_per_seed_step_and_sample():
+    # Everything random about sample j at step k comes from its own generator, seeded by
+    # (seed, step, global index): the same draws for any split over ranks and accumulation
+    # steps, fresh draws for another sample, step or seed
+    draw = lambda seed, step, i: train.sample_randomness(seed, step, i, (4, 8, 8), 3, [(1, 1), (2, 2), (8, 8)])
+    flip, eps, t, noise, drop = draw(0, 5, 3)
+    assert flip in (0, 1) and eps.shape == (4, 8, 8) and t.shape == (3,)
+    assert [tuple(n.shape) for n in noise] == [(4, 1, 1), (4, 2, 2), (4, 8, 8)] and 0.0 <= drop < 1.0
+    again = draw(0, 5, 3)
+    assert again[0] == flip and torch.equal(again[1], eps) and torch.equal(again[2], t) and again[4] == drop
+    assert all(torch.equal(a, b) for a, b in zip(again[3], noise))
+    for other in (draw(1, 5, 3), draw(0, 6, 3), draw(0, 5, 4)):              # seed, step, sample
+        assert not torch.equal(other[1], eps) and not torch.equal(other[2], t) and other[4] != drop
+        assert not torch.equal(other[3][2], noise[2])
+    draws = [draw(0, 0, i) for i in range(2000)]                            # the distributions
+    flips = torch.tensor([float(d[0]) for d in draws])
+    drops = torch.tensor([d[4] for d in draws])
+    eps_all = torch.stack([d[1] for d in draws])
+    noise_all = torch.stack([d[3][2] for d in draws])
+    ts = torch.stack([d[2] for d in draws])
+    assert abs(flips.mean().item() - 0.5) < 0.04 and abs(drops.mean().item() - 0.5) < 0.03
+    assert abs((drops < 0.1).float().mean().item() - 0.1) < 0.02           # uniform on [0, 1)
+    for z in (eps_all, noise_all):                                          # standard normal
+        assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01
+    assert ts.min() >= 0 and ts.max() <= 1 and abs(ts.mean().item() - 0.5) < 0.02 and abs(ts.std().item() - 0.2887) < 0.01
+    assert not torch.equal(ts[:, 0], ts[:, 1])                               # an independent t per scale
 
 
 def test_logit_normal_t_is_sigmoid_of_a_standard_normal():
@@ -303,8 +335,8 @@ def test_the_smoke_preset_is_the_toy_with_a_smaller_budget():
     assert {k for k in toy if toy[k] != smoke[k]} == {'out', 'subset', 'vae_max_steps', 'batch_size', 'epochs',
                                                       'log_every'}
     cfg = train.parse_args(['--preset', 'cifar-smoke', '--dataset', 'shapes'])
-    assert (cfg['subset'], cfg['vae_max_steps'], cfg['batch_size'], cfg['dataset']) == (4000, 150, 16, 'shapes')
-    assert int(cfg['epochs'] * (cfg['subset'] // cfg['batch_size'])) == 400       # FlowAR steps
+    assert (cfg['subset'], cfg['vae_max_steps'], cfg['batch_size'], cfg['dataset']) == (4000, 700, 16, 'shapes')
+    assert int(cfg['epochs'] * (cfg['subset'] // cfg['batch_size'])) == 600       # FlowAR steps
 
 
 def test_bad_cli_values_are_refused(capsys):
