@@ -179,7 +179,8 @@ def alpha_bar(t):
 class DiffusionFlowAR(flowar.FlowAR):
     """Table 5's diffusion rows: FlowAR whose head is a DDPM epsilon-predictor."""
 
-    def interpolate(self, x, eps, t):
+    @staticmethod
+    def interpolate(x, eps, t):
         # DDPM forward process q(x_t | x) (Ho et al. 2020, Eq. 4) in place of Eq. 7, and the
         # epsilon target of their Eq. 14 (L_simple) in place of Eq. 8's velocity
         ab = alpha_bar(t)

@@ -12,8 +12,8 @@ Read this file next to Section 3.2 of the paper. The pieces, top to bottom:
     Eq. 9   FlowAR.forward           per-scale flow-matching loss
     Eq. 10  SpatialAdaLNBlock        Spatial-adaLN: six modulation tensors per *position*
             CrossAttnBlock, FlowHead the released L/H head block; the model FM(F_t, s-hat, t)
-            euler_time_grid, FlowAR.sample, FlowAR.integrate: inference, per scale one AR
-                                     step + Euler integration
+            euler_time_grid, FlowAR.sample, FlowAR.integrate, cfg_schedule, cfg_velocity:
+                                     inference, per scale one AR step + Euler integration
 
 The released code (Dec 2024) differs from the paper in a few places, each marked "RELEASED
 vs PAPER" where it happens; this file follows the released code wherever the checkpoints
@@ -454,6 +454,22 @@ def cfg_schedule(num_scales, cfg, ramp=True):
     return [1.0 + (cfg - 1.0) * i / (num_scales - 1) for i in range(num_scales)]
 
 
+def cfg_velocity(head, x, t, s_hat, pos, w, guidance):
+    """The head's velocity at the state x (B, N, C) and time t (a float), with classifier-free
+    guidance: v = v_u + w * (v_c - v_u) while t <= guidance (the released guidance interval)
+    and w != 1, else the conditional v_c alone. s_hat: (2B, N, D), the conditional semantics
+    then the unconditional ones (or (B, N, D) without CFG); w: this scale's weight
+    (cfg_schedule). RELEASED: a guided step runs the head on [x; x], both halves at the
+    conditional state; an unguided step runs the conditional half only (released: both,
+    the unconditional one then unused)."""
+    B = x.shape[0]
+    if s_hat.shape[0] == 2 * B and w != 1.0 and t <= guidance:               # the guidance interval
+        tb = torch.full((2 * B,), t, device=x.device, dtype=x.dtype)
+        v_c, v_u = head(torch.cat([x, x]), tb, s_hat, pos).chunk(2)          # (B, N, C) each
+        return v_u + w * (v_c - v_u)                                          # CFG combination
+    return head(x, torch.full((B,), t, device=x.device, dtype=x.dtype), s_hat[:B], pos)
+
+
 # ==== The model =========================================================================
 
 class FlowAR(nn.Module):
@@ -593,7 +609,8 @@ class FlowAR(nn.Module):
         """Eq. 5: the maps s^1..s^n of F (Table 3's image-pyramid variant takes the maps)."""
         return build_scale_pyramid(latents, self.scales)
 
-    def interpolate(self, x, eps, t):
+    @staticmethod
+    def interpolate(x, eps, t):
         """Eq. 7-8 for tokens x = s^i, noise eps = F_0^i, times t -> (x_t, regression target).
         RELEASED vs PAPER: the paper writes F_t = t * s + (1 - t) * F_0, velocity s - F_0; the
         released code uses t' = 1 - t: x_t = (1 - t) * s + t * eps, target d x_t / dt = eps - s,
@@ -696,22 +713,10 @@ class FlowAR(nn.Module):
             pos, N = self.positions[sl], sl.stop - sl.start
 
             # Flow matching: Euler from noise (t = 1) to data (t = 0) with only the conditional
-            # state x (B, N, C). A guided step runs the head on [x; x] with the conditional and
-            # unconditional semantics and combines the velocities (RELEASED: both halves at the
-            # conditional state); an unguided step runs the conditional half (released: both).
+            # state x (B, N, C); cfg_velocity guides the steps inside the guidance interval.
             noise = torch.randn(B, N, self.latent_channels, generator=generator,
                                 device=gen_device, dtype=torch.float64).to(device)
-            w_i = weights[i]
-
-            def predict(x, t):                                             # the head's velocity
-                xb = x.to(dtype)                                           # (B, N, C)
-                if use_cfg and w_i != 1.0 and t <= guidance:               # the guidance interval
-                    tb = torch.full((2 * B,), t, device=device, dtype=dtype)
-                    v_c, v_u = self.flownet(torch.cat([xb, xb]), tb, s_hat, pos).chunk(2)
-                    return v_u + w_i * (v_c - v_u)                         # CFG combination
-                tb = torch.full((B,), t, device=device, dtype=dtype)
-                return self.flownet(xb, tb, s_hat[:B], pos)
-
+            predict = lambda x, t, w=weights[i]: cfg_velocity(self.flownet, x.to(dtype), t, s_hat, pos, w, guidance)
             x = self.integrate(predict, noise, euler_time_grid(steps[i], device=device))  # (B, N_i, C) fp64
             maps.append(map_from_tokens(x.to(dtype), hw))
 

@@ -17,6 +17,7 @@ the other project files (train, vae + data, sample, metrics, ablations, bench). 
 a CPU in float32; the key lists of the released checkpoints are in reference/.
 """
 
+import math
 import re
 from pathlib import Path
 
@@ -109,6 +110,21 @@ class TestCausalTransformer:
         assert torch.equal(pos[0], torch.tensor([0.0, 0.0]))
         assert torch.equal(pos[1:5], torch.tensor([[0, 0], [0, 8], [8, 0], [8, 8]], dtype=torch.float))  # arange(2) / 2 * 16
 
+    def test_attention_module_is_rope_on_queries_and_keys_then_attention(self):
+        # Attention.forward written out: qkv, RoPE on q and k only (not v), softmax(q k^T /
+        # sqrt(d)) v under the mask, heads joined, output projection
+        torch.manual_seed(0)
+        B, N, D, h = 2, 5, 32, 2
+        att = flowar.Attention(D, h, qkv_bias=True)
+        x, pos = torch.randn(B, N, D), torch.rand(N, 2) * 8
+        mask = torch.rand(N, N) > 0.3
+        mask |= torch.eye(N, dtype=torch.bool)                       # every query sees itself
+        q, k, v = att.qkv(x).view(B, N, 3, h, D // h).permute(2, 0, 3, 1, 4)
+        q, k = att.rope(q, pos), att.rope(k, pos)
+        w = ((q @ k.transpose(-2, -1)) / math.sqrt(D // h)).masked_fill(~mask, float('-inf')).softmax(-1)
+        want = att.proj((w @ v).transpose(1, 2).reshape(B, N, D))
+        assert (att(x, pos, mask) - want).abs().max() < 1e-5
+
     def test_block_causal_mask_changing_scale_k_plus_1_leaves_scales_up_to_k_unchanged(self):
         model = tiny_model()
         torch.manual_seed(1)
@@ -137,6 +153,14 @@ class TestCausalTransformer:
         # the first half of the channels only depends on the row, the second on the column
         a, b = rope(q, p(2, 0)), rope(q, p(2, 9))
         assert torch.allclose(a[..., :8], b[..., :8]) and not torch.allclose(a[..., 8:], b[..., 8:])
+        # the released layout: channels (2j, 2j+1) are one pair, turned counter-clockwise by
+        # row * freqs[j] (first half) and col * freqs[j] (second half); a rotate-half layout
+        # (pairs (j, j + d/4)) or the opposite direction fails here
+        out, (r, c) = rope(q, p(3, 5))[0, 0, 0], (3.0, 5.0)
+        ang = torch.cat([r * rope.freqs, c * rope.freqs])                 # (8,) one angle per pair
+        x0, x1 = q[0, 0, 0, 0::2], q[0, 0, 0, 1::2]
+        assert torch.allclose(out[0::2], x0 * ang.cos() - x1 * ang.sin(), atol=1e-5)
+        assert torch.allclose(out[1::2], x0 * ang.sin() + x1 * ang.cos(), atol=1e-5)
 
     def test_attention_equals_torch_sdpa_with_and_without_a_mask(self):
         # flowar.attention's CPU path (plain products) against torch's fused kernel, fp32
@@ -147,6 +171,23 @@ class TestCausalTransformer:
             want = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
             assert torch.allclose(flowar.attention(q, k, v, m), want, atol=1e-6)
         assert not torch.allclose(flowar.attention(q, k, v, mask), flowar.attention(q, k, v), atol=1e-3)
+
+    def test_kv_cache_scale_by_scale_equals_the_masked_forward(self):
+        # Sampling runs T one scale at a time, each attending to the cached keys/values of the
+        # scales before it; that must give the semantics of one pass under the block-causal mask
+        model = tiny_model()
+        torch.manual_seed(2)
+        labels = torch.tensor([4, 0])
+        maps = flowar.build_scale_pyramid(torch.randn(2, 4, 8, 8), model.scales)
+        x_in = model.ar_input_tokens(maps[:-1], labels)               # (B, L, D)
+        full = model.transformer(x_in, labels)                        # one pass, mask
+        caches = [dict() for _ in range(len(model.encoder_blocks) + len(model.decoder_blocks))]
+        for sl in model.slices:
+            part = model.transformer(x_in[:, sl], labels, start=sl.start, caches=caches)
+            assert (part - full[:, sl]).abs().max() <= 1e-5
+            assert caches[0]['k'].shape[2] == sl.stop                 # the cache holds scales <= i
+        with pytest.raises(ValueError, match='KV cache holds'):
+            model.transformer(x_in[:, model.slices[1]], labels, start=0, caches=caches)
 
     @pytest.mark.parametrize('cfg', [1.0, 3.0])
     def test_kv_cached_sampling_equals_teacher_forced_forward(self, cfg):
@@ -179,8 +220,34 @@ class _EchoHead(torch.nn.Module):
         return x
 
 
+class _RecordingHead(torch.nn.Module):
+    """Wraps a flow head and records every call: (t[0], x); full records (t, s_hat, pos) in `args`."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head, self.calls, self.args = head, [], []
+
+    def forward(self, x, t, semantics, pos):
+        self.calls.append((float(t[0]), x.detach().clone()))
+        self.args.append((t.detach().clone(), semantics.detach().clone(), pos.clone()))
+        return self.head(x, t, semantics, pos)
+
+
 class TestFlowMatchingLoss:
     """Eq. 7-9: interpolation, velocity target and scale weights of the flow-matching loss."""
+
+    def test_interpolation_and_velocity_target_are_the_released_ones(self):
+        # RELEASED (Eq. 7-8 with t reversed): x_t = (1 - t) s + t eps, t = 1 is pure noise, and
+        # the target is d x_t / dt = eps - s. The paper's F_t = t s + (1 - t) F_0 fails here.
+        g = torch.Generator().manual_seed(0)
+        x, eps = torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 4, generator=g)
+        t = torch.tensor([0.0, 0.3, 1.0]).view(3, 1, 1)
+        x_t, target = FlowAR.interpolate(x, eps, t)
+        assert torch.equal(x_t[0], x[0]) and torch.equal(x_t[2], eps[2])    # t = 0 data, t = 1 noise
+        assert torch.allclose(x_t[1], 0.7 * x[1] + 0.3 * eps[1], atol=1e-6)
+        assert torch.allclose(target, eps - x, atol=1e-6)
+        dt = 1e-3                                                            # the target is d x_t / dt
+        assert torch.allclose((FlowAR.interpolate(x, eps, t + dt)[0] - x_t) / dt, target, atol=1e-3)
 
     def test_loss_uses_released_interpolation_target_and_scale_weights(self):
         model = tiny_model()
@@ -202,8 +269,25 @@ class TestFlowMatchingLoss:
         assert torch.allclose(per_scale, torch.stack(expect), atol=1e-5)
         assert torch.allclose(loss, weighted, atol=1e-5)
 
+    def test_loss_gives_the_head_each_scales_own_semantics_time_and_positions(self):
+        # FM(F_t^i, s-hat^i, t_i): scale i's head call gets the teacher-forced semantics of
+        # scale i's positions (not pooled, not another scale's), its own t and RoPE positions
+        model = tiny_model()
+        model.flownet = _RecordingHead(_EchoHead())
+        torch.manual_seed(3)
+        z, y = torch.randn(2, 4, 8, 8), torch.tensor([1, 2])
+        noise, t = fm_inputs(z)
+        model(z, y, noise, t)
+        full = model.semantics(flowar.build_scale_pyramid(z, model.scales), y)    # (B, L, D)
+        calls = model.flownet.args
+        assert len(calls) == len(model.scales)
+        for i, (sl, (ti, s_hat, pos)) in enumerate(zip(model.slices, calls)):
+            assert torch.equal(ti, t[:, i]) and torch.equal(pos, model.positions[sl])
+            assert torch.allclose(s_hat, full[:, sl], atol=1e-6)
+
     def test_uniform_scale_weighting_is_the_plain_sum_of_eq9(self):
         model = tiny_model(scale_weighting='uniform')
+        model.flownet = _EchoHead()
         z = torch.randn(2, 4, 8, 8)
         noise = [torch.randn(2, 4, s, s) for s in (1, 2, 4, 8)]
         loss, per_scale = model(z, torch.tensor([1, 2]), noise, torch.rand(2, 4))
@@ -265,6 +349,17 @@ class TestSpatialAdaLN:
         F2 = F1 + block.mlp(LN(F1) * (1 + gamma2) + beta2) * alpha2
         assert (block(x, t_emb, c, pos) - F2).abs().max() < 1e-6 * F2.abs().max()  # |F2| ~ 1e3
 
+    def test_time_embedding_is_the_released_integer_step(self):
+        # RELEASED vs PAPER: the head embeds the integer step int(t * 1000), truncated, not the
+        # continuous t: t = 0.0012 and 0.0019 are both step 1; the sinusoids are [cos, sin]
+        emb = flowar.TimestepEmbedder(64)
+        same = emb(torch.tensor([0.0012, 0.0019, 0.001]))
+        assert torch.equal(same[0], same[1]) and torch.equal(same[0], same[2])
+        assert not torch.allclose(same[0], emb(torch.tensor([0.002]))[0])
+        f = flowar.timestep_embedding(torch.tensor([3]), dim=8)[0]
+        freqs = torch.exp(-math.log(10000) * torch.arange(4) / 4)
+        assert torch.allclose(f, torch.cat([torch.cos(3 * freqs), torch.sin(3 * freqs)]), atol=1e-6)
+
     def test_flow_head_uses_semantics_position_by_position(self):
         # FlowHead.forward: the semantics of position i steer the velocity at position i (Eq. 10
         # is spatial). With the attention output projections zeroed no information moves between
@@ -291,16 +386,7 @@ class TestSpatialAdaLN:
         assert (head2(x, t, swapped, pos) - head2(x, t, sem, pos)).abs().max() > 1e-3
 
 
-class _RecordingHead(torch.nn.Module):
-    """Wraps the flow head and records the time and state of every call."""
 
-    def __init__(self, head):
-        super().__init__()
-        self.head, self.calls = head, []
-
-    def forward(self, x, t, semantics, pos):
-        self.calls.append((float(t[0]), x.detach().clone()))
-        return self.head(x, t, semantics, pos)
 
 
 class _SemanticsHead(torch.nn.Module):
@@ -375,6 +461,21 @@ class TestSampler:
             expect = noise - guided_dt * v_g - (1.0 - guided_dt) * v_c[:, sl]
             got = flowar.tokens_from_map(info['maps'][i]).double()
             assert (got - expect).abs().max() < 1e-5, (i, (got - expect).abs().max())
+
+    def test_cfg_velocity_combines_the_halves_inside_the_guidance_interval(self):
+        # cfg_velocity with a head whose velocity is known (the semantics' first C channels):
+        # v_u + w (v_c - v_u) while t <= guidance and w != 1, the conditional v_c otherwise;
+        # both halves evaluated at the same (conditional) state x
+        head = _RecordingHead(_SemanticsHead(4))
+        x, s_hat, pos = torch.randn(2, 3, 4), torch.randn(4, 3, 8), torch.zeros(3, 2)
+        v_c, v_u = s_hat[:2, :, :4], s_hat[2:, :, :4]
+        v = flowar.cfg_velocity(head, x, 0.4, s_hat, pos, 3.0, 0.5)
+        assert torch.allclose(v, v_u + 3.0 * (v_c - v_u), atol=1e-6)
+        assert torch.equal(head.calls[-1][1], torch.cat([x, x])) and head.calls[-1][0] == pytest.approx(0.4)
+        for t, w in ((0.6, 3.0), (0.4, 1.0)):                       # outside the interval; weight 1
+            assert torch.equal(flowar.cfg_velocity(head, x, t, s_hat, pos, w, 0.5), v_c)
+            assert head.calls[-1][1].shape[0] == 2                   # the conditional half only
+        assert torch.equal(flowar.cfg_velocity(head, x, 0.4, s_hat[:2], pos, 3.0, 0.5), v_c)  # no CFG batch
 
     def test_cfg_one_is_the_conditional_sample_and_guidance_outside_interval_is_off(self):
         model = tiny_model()
