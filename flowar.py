@@ -14,6 +14,8 @@ Read this file next to Section 3.2 of the paper. The pieces, top to bottom:
             CrossAttnBlock, FlowHead the released L/H head block; the model FM(F_t, s-hat, t)
             euler_time_grid, FlowAR.sample, FlowAR.integrate, cfg_schedule, cfg_velocity:
                                      inference, per scale one AR step + Euler integration
+    beyond  FlowAR.layout, pos_embeds any scale list at inference (pos_embed='scale-free', FlexVAR);
+            FlowAR.sample(known=)    zero-shot editing (edit.py; docs/flexible.md)
 
 The released code (Dec 2024) differs from the paper in a few places, each marked "RELEASED
 vs PAPER" where it happens; this file follows the released code wherever the checkpoints
@@ -43,7 +45,7 @@ from torch.utils.checkpoint import checkpoint
 # cores: at its budget a small model that sees more images beats a bigger one (docs/toy.md).
 
 _COMMON = dict(mlp_ratio=4.0, rope_theta=10000.0, grad_checkpointing=False,
-               scale_weighting='tokens', init='released')
+               scale_weighting='tokens', init='released', pos_embed='learned')
 _IMAGENET = dict(_COMMON, latent_channels=16, scales=(1, 2, 4, 8, 16), num_classes=1000,
                  attn_dropout=0.1, proj_dropout=0.1)
 
@@ -135,11 +137,13 @@ def block_causal_mask(scales):
     return scale_id[None, :] <= scale_id[:, None]  # (L, L): row = query, column = key
 
 
-def token_positions(scales):
-    """(L, 2) float (row, col) of every token, each scale mapped onto the finest grid: a scale
-    of height h has rows arange(h) / h * H. The 2D RoPE's positions (released: arange(s) / s * 16)."""
+def token_positions(scales, grid=None):
+    """(L, 2) float (row, col) of every token, each scale mapped onto the finest grid (H, W)
+    (default: the last scale; a scale-free model passes its training latent size, so that a
+    larger last scale gets positions between the trained ones): a scale of height h has rows
+    arange(h) / h * H. The 2D RoPE's positions (released: arange(s) / s * 16)."""
     scales = normalize_scales(scales)
-    (H, W), pos = scales[-1], []
+    (H, W), pos = (scales[-1] if grid is None else tuple(grid)), []
     for h, w in scales:                                     # raster (row-major) order
         rows = torch.arange(h, dtype=torch.float64) / h * H
         cols = torch.arange(w, dtype=torch.float64) / w * W
@@ -480,9 +484,12 @@ class FlowAR(nn.Module):
                  ar_dim=768, enc_depth=6, dec_depth=6, ar_heads=12,
                  head_depth=2, head_width=1024, head_block='spatial', mlp_ratio=4.0,
                  attn_dropout=0.1, proj_dropout=0.1, rope_theta=10000.0,
-                 grad_checkpointing=False, scale_weighting='tokens', init='released'):
+                 grad_checkpointing=False, scale_weighting='tokens', init='released',
+                 pos_embed='learned'):
         super().__init__()
         scales_hw = normalize_scales(scales)
+        if pos_embed not in ('learned', 'scale-free'):
+            raise ValueError(f"pos_embed must be 'learned' (released) or 'scale-free', got {pos_embed!r}")
         if scale_weighting not in ('tokens', 'uniform'):
             raise ValueError(f"scale_weighting must be 'tokens' (released) or 'uniform', got {scale_weighting!r}")
         if init not in ('released', 'adaln-zero'):
@@ -497,10 +504,11 @@ class FlowAR(nn.Module):
                            ar_heads=ar_heads, head_depth=head_depth, head_width=head_width, head_block=head_block,
                            mlp_ratio=mlp_ratio, attn_dropout=attn_dropout, proj_dropout=proj_dropout,
                            rope_theta=rope_theta, grad_checkpointing=grad_checkpointing,
-                           scale_weighting=scale_weighting, init=init)
+                           scale_weighting=scale_weighting, init=init, pos_embed=pos_embed)
         self.scales, self.slices = scales_hw, scale_slices(scales_hw)
         self.latent_channels, self.num_classes = latent_channels, num_classes
         self.grad_checkpointing, self.scale_weighting = grad_checkpointing, scale_weighting
+        self.pos_embed = pos_embed
         L = self.seq_len = self.slices[-1].stop  # 341 for 1-2-4-8-16
         D = ar_dim
 
@@ -509,10 +517,14 @@ class FlowAR(nn.Module):
         # Input projection of the upsampled latent tokens, then RMSNorm (with weight).
         self.z_proj = nn.Linear(latent_channels, D)
         self.z_proj_ln = RMSNorm(D, weight=True)
-        # Three learned absolute position embeddings (released), plus RoPE in attention.
-        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, L, D))
-        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, L, D))
-        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, L, D))
+        # Three learned absolute position embeddings, plus RoPE in attention. 'learned'
+        # (released): one vector per token of the training scale list, (1, L, D), so that list
+        # is fixed. 'scale-free' (FlexVAR's way, not released): one table on the finest grid,
+        # (1, H * W, D), resized to every scale of whatever list is in use (pos_embeds).
+        P = L if pos_embed == 'learned' else scales_hw[-1][0] * scales_hw[-1][1]
+        self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, P, D))
+        self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, P, D))
+        self.diffusion_pos_embed_learned = nn.Parameter(torch.zeros(1, P, D))
         # Two stacks with the same block-causal mask ("encoder" + "decoder", released).
         block = lambda: ARBlock(D, ar_heads, mlp_ratio, attn_dropout, proj_dropout, rope_theta)
         self.encoder_blocks = nn.ModuleList([block() for _ in range(enc_depth)])
@@ -560,48 +572,87 @@ class FlowAR(nn.Module):
                 nn.init.zeros_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    # ---- Any scale list: the sequence layout and the position embeddings ---------------
+
+    def layout(self, scales=None):
+        """The sequence of a scale list: (scales as (h, w) pairs, their slices, the block-causal
+        mask (L, L), the RoPE positions (L, 2)). None: the training list (the buffers). Other
+        lists need pos_embed='scale-free' and must end at the latent size or beyond (expansion)."""
+        if scales is None or normalize_scales(scales) == self.scales:
+            return self.scales, self.slices, self.attn_mask, self.positions
+        hw, (H, W) = normalize_scales(scales), self.scales[-1]
+        if self.pos_embed == 'learned':
+            raise ValueError(f"this model's position embeddings are learned for its scale list "
+                             f"{[list(s) for s in self.scales]} only; another list needs a model trained "
+                             f"with pos_embed='scale-free' (train.py --preset cifar-toy-flex)")
+        if hw[-1][0] < H or hw[-1][1] < W:
+            raise ValueError(f"a scale list must end at the latent size {(H, W)} (or beyond, to expand "
+                             f"the image), got {[list(s) for s in hw]}")
+        dev = self.attn_mask.device
+        return hw, scale_slices(hw), block_causal_mask(hw).to(dev), token_positions(hw, grid=(H, W)).to(dev)
+
+    def pos_embeds(self, scales_hw):
+        """The three position embeddings of the sequence of scales_hw, (1, L, D) each: the
+        parameters themselves ('learned'), or the finest-grid tables area-resized to every
+        scale ('scale-free'; bicubic for a scale larger than the grid, expansion)."""
+        tables = (self.encoder_pos_embed_learned, self.decoder_pos_embed_learned, self.diffusion_pos_embed_learned)
+        if self.pos_embed == 'learned':
+            return tables
+        H, W = self.scales[-1]
+        resize = lambda g, hw: g if hw == (H, W) else F.interpolate(
+            g, size=hw, mode='area' if hw[0] <= H and hw[1] <= W else 'bicubic')
+        return [torch.cat([tokens_from_map(resize(map_from_tokens(p, (H, W)), hw)) for hw in scales_hw], 1)
+                for p in tables]
+
     # ---- Eq. 6: T([C, Up(s^1), ..., Up(s^{n-1})]) ------------------------------------
 
-    def scale_input(self, i, labels, prev=None):
+    def scale_input(self, i, labels, prev=None, scales=None):
         """The AR input of scale i, (B, N_i, D): the class token C over the N_1 positions of
         scale 1 (i = 0), else z_proj(Up(s^{i-1})) of the previous map prev (B, C, h, w).
-        labels: (B,), num_classes = null. The one place that builds AR inputs (training, sampling)."""
+        labels: (B,), num_classes = null; scales: the list in use (None: the training list).
+        The one place that builds AR inputs (training, sampling)."""
+        hw = self.scales if scales is None else normalize_scales(scales)
         if i == 0:
-            return self.class_emb(labels)[:, None].expand(-1, self.slices[0].stop, -1)
-        up = upsample_to_next(prev, self.scales[-1], self.scales[i])   # (B, C, h_i, w_i)
+            return self.class_emb(labels)[:, None].expand(-1, hw[0][0] * hw[0][1], -1)
+        up = upsample_to_next(prev, hw[-1], hw[i])                    # (B, C, h_i, w_i)
         return self.z_proj(tokens_from_map(up))
 
-    def ar_input_tokens(self, maps, labels):
+    def ar_input_tokens(self, maps, labels, scales=None):
         """[C, Up(s^1), ..., Up(s^m)], (B, L', D); maps: s^1..s^m (ground truth in training)."""
-        return torch.cat([self.scale_input(i, labels, maps[i - 1] if i else None)
+        return torch.cat([self.scale_input(i, labels, maps[i - 1] if i else None, scales)
                           for i in range(len(maps) + 1)], dim=1)
 
-    def transformer(self, x, labels, start=0, caches=None):
+    def transformer(self, x, labels, start=0, caches=None, scales=None):
         """The causal scale Transformer T. x: (B, N, D) inputs of the positions [start, start +
-        N). Without caches: the whole prefix (start = 0) under the block-causal mask; with
-        caches (a dict per block, sampling): just the next scale, attending to the cached keys.
+        N) of the sequence of `scales` (None: the training list). Without caches: the whole
+        prefix (start = 0) under the block-causal mask; with caches (a dict per block,
+        sampling): just the next scale, attending to the cached keys.
         returns the semantics s-hat of those positions, (B, N, D)."""
         if caches is not None and start != (caches[0]['k'].shape[2] if 'k' in caches[0] else 0):
             raise ValueError(f"start={start} but the KV cache holds {caches[0]['k'].shape[2]} tokens")
+        hw, _, attn_mask, positions = self.layout(scales)
+        enc_pe, dec_pe, diff_pe = self.pos_embeds(hw)                 # (1, L, D) each
         idx = slice(start, start + x.shape[1])
-        pos = self.positions[idx]
-        mask = None if caches is not None else self.attn_mask[idx, idx]
+        pos = positions[idx]
+        mask = None if caches is not None else attn_mask[idx, idx]
         y_emb = self.class_emb(labels)  # (B, D): adaLN condition of every AR block
         blocks = list(self.encoder_blocks) + list(self.decoder_blocks)
-        x = self.z_proj_ln(x + self.encoder_pos_embed_learned[:, idx])
+        x = self.z_proj_ln(x + enc_pe[:, idx])
         for i, blk in enumerate(blocks):
             if i == len(self.encoder_blocks):  # between the two stacks
-                x = self.decoder_embed(self.encoder_norm(x)) + self.decoder_pos_embed_learned[:, idx]
+                x = self.decoder_embed(self.encoder_norm(x)) + dec_pe[:, idx]
             cache = None if caches is None else caches[i]
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, y_emb, pos, mask, cache, use_reentrant=False)
             else:
                 x = blk(x, y_emb, pos, mask, cache)
-        return self.decoder_norm(x) + self.diffusion_pos_embed_learned[:, idx]  # s-hat
+        return self.decoder_norm(x) + diff_pe[:, idx]  # s-hat
 
     def semantics(self, maps, labels):
-        """Teacher-forced semantics T([C, Up(s^1), ..., Up(s^{n-1})]) of the n maps: (B, L, D)."""
-        return self.transformer(self.ar_input_tokens(maps[:-1], labels), labels)
+        """Teacher-forced semantics T([C, Up(s^1), ..., Up(s^{n-1})]) of the n maps (their
+        sizes are the scale list): (B, L, D)."""
+        scales = [tuple(m.shape[-2:]) for m in maps]
+        return self.transformer(self.ar_input_tokens(maps[:-1], labels, scales), labels, scales=scales)
 
     # ---- Eq. 5 and Eq. 7-8 as methods: the steps that ablations.py's variants replace ----
 
@@ -634,24 +685,27 @@ class FlowAR(nn.Module):
         """Flow-matching loss of Eq. 9 over all scales, with the released weights.
         latents: (B, C, H, W) scaled VAE latents (or what scale_maps takes); labels: (B,) in
         [0, num_classes] (null class = num_classes, already dropped for CFG); noise: F_0^i,
-        n x (B, C, h_i, w_i); t: (B, n) in [0, 1]. Deterministic: train.sample_randomness draws
-        the inputs (RELEASED: the authors' forward draws t, noise and the label drop itself;
-        drawn outside, a run is the same for any split over GPUs and accumulation steps).
-        returns (loss, per-scale losses (n,), unweighted and detached)."""
-        B, n = labels.shape[0], len(self.scales)
-        if len(noise) != n or tuple(t.shape) != (B, n):
-            raise ValueError(f"need noise for each of the {n} scales and t of shape ({B}, {n}), "
-                             f"got {len(noise)} noise maps and t {tuple(t.shape)}")
-        maps = self.scale_maps(latents)                    # Eq. 5: n x (B, C, h_i, w_i)
+        n x (B, C, h_i, w_i), whose sizes are this step's scale list (the training list, or
+        any list for a scale-free model); t: (B, n) in [0, 1]. Deterministic:
+        train.sample_randomness draws the inputs (RELEASED: the authors' forward draws t, noise
+        and the label drop itself; drawn outside, a run is the same for any split over GPUs
+        and accumulation steps). returns (loss, per-scale losses (n,), unweighted and detached)."""
+        hw, slices, _, positions = self.layout([tuple(z.shape[-2:]) for z in noise])
+        B, n = labels.shape[0], len(hw)
+        if tuple(t.shape) != (B, n):
+            raise ValueError(f"need t of shape ({B}, {n}), one per scale of the noise maps' list "
+                             f"{[list(s) for s in hw]}, got t {tuple(t.shape)}")
+        # Eq. 5: n x (B, C, h_i, w_i)
+        maps = self.scale_maps(latents) if hw == self.scales else build_scale_pyramid(latents, hw)
         s_hat = self.semantics(maps, labels)               # Eq. 6: (B, L, D)
         total, per_scale = 0.0, []
-        H, W = self.scales[-1]
-        for i, (s, sl) in enumerate(zip(maps, self.slices)):
+        H, W = hw[-1]
+        for i, (s, sl) in enumerate(zip(maps, slices)):
             x = tokens_from_map(s)                                     # (B, N, C): s^i
             eps = tokens_from_map(noise[i])                             # F_0^i
             ti = t[:, i].to(x.dtype)[:, None, None]                    # (B, 1, 1)
             x_t, target = self.interpolate(x, eps, ti)                 # Eq. 7-8
-            v = self.flownet(x_t, t[:, i], s_hat[:, sl], self.positions[sl])  # FM(F_t, s-hat^i, t)
+            v = self.flownet(x_t, t[:, i], s_hat[:, sl], positions[sl])       # FM(F_t, s-hat^i, t)
             loss_i = ((v.float() - target.float()) ** 2).mean(dim=(1, 2)).mean()  # per sample, then batch
             # Eq. 9 sums the scales; RELEASED: weighted by the token share h_i * w_i / (H * W),
             # so the 1x1 scale does not dominate ('uniform': Eq. 9's plain sum, an option).
@@ -664,7 +718,8 @@ class FlowAR(nn.Module):
 
     @torch.no_grad()
     def sample(self, labels=None, num_steps=25, cfg=1.0, guidance=1.0, generator=None,
-               batch_size=None, return_details=False, cfg_ramp=True):
+               batch_size=None, return_details=False, cfg_ramp=True, scales=None, known=None,
+               known_inside=True):
         """Generate latents scale by scale (Sec. 3.2, "Inference Pipeline"): per scale i one AR
         step (KV cache) gives s-hat^i, the head moves noise (t = 1) to the map s^i (t = 0) on
         the released time grid euler_time_grid(num_steps) (one int for every scale, as
@@ -672,16 +727,30 @@ class FlowAR(nn.Module):
         labels: (B,) class ids, or None (the null class; needs batch_size, and cfg = 1).
         cfg: the CFG weight at the last scale, rising from 1 at the first (cfg_ramp=True,
         released), or at every scale (cfg_ramp=False); CFG applies only while t <= guidance.
-        generator: a torch.Generator (reproducible noise). returns latents (B, C, H, W), scaled
-        as in training; with return_details also {'maps': [s^i], 'semantics': [cond. s-hat^i (B, N_i, D)]}."""
+        generator: a torch.Generator (reproducible noise). scales: the scale list (None: the
+        training list; any other needs pos_embed='scale-free', see layout).
+        known (zero-shot editing, FlexVAR's idea on FlowAR's ground-truth scales): (maps, masks),
+        per scale of the list the ground truth s^i (B, C, h_i, w_i) and a mask (B or 1, 1, h_i,
+        w_i) in [0, 1], 1 = known (a pixel mask area-downsampled is soft at coarse scales: a
+        position is known in the share of its area that is; masks[i] = None: nothing known).
+        After each scale the known region is forced to the ground truth, s^i <- m s^i_gt + (1 -
+        m) s^i, so every later scale is conditioned on it (between scales); with known_inside
+        also inside the integration: at each Euler step the head sees the known region on the
+        ground truth's own straight path, x_t <- m ((1 - t) s^i_gt + t eps) + (1 - m) x_t, with
+        the same eps as the generated region, so the two sides of the boundary are at the same
+        noise level (between scales only, the head sees the known region as noise until t = 0).
+        returns latents (B, C, H, W), scaled as in training; with return_details also
+        {'maps': [s^i], 'semantics': [cond. s-hat^i (B, N_i, D)]}."""
         was_training = self.training
         self.eval()  # no dropout while sampling; the mode comes back even after an error
         try:
-            return self._sample(labels, num_steps, cfg, guidance, generator, batch_size, return_details, cfg_ramp)
+            return self._sample(labels, num_steps, cfg, guidance, generator, batch_size, return_details, cfg_ramp,
+                                scales, known, known_inside)
         finally:
             self.train(was_training)
 
-    def _sample(self, labels, num_steps, cfg, guidance, generator, batch_size, return_details, cfg_ramp):
+    def _sample(self, labels, num_steps, cfg, guidance, generator, batch_size, return_details, cfg_ramp,
+                scales, known, known_inside):
         device = self.class_emb.weight.device
         dtype = self.class_emb.weight.dtype
         if labels is None:  # unconditional samples: the null class
@@ -696,28 +765,44 @@ class FlowAR(nn.Module):
         B = labels.shape[0]
         use_cfg = cfg != 1.0  # then the AR batch is [conditional; unconditional]
         labels_in = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if use_cfg else labels
-        weights = cfg_schedule(len(self.scales), cfg, cfg_ramp)
-        steps = [num_steps] * len(self.scales) if isinstance(num_steps, int) else list(num_steps)
-        if len(steps) != len(self.scales):
-            raise ValueError(f"num_steps: one int, or one per scale ({len(self.scales)}), got {num_steps}")
+        hws, slices, _, positions = self.layout(scales)
+        n = len(hws)
+        weights = cfg_schedule(n, cfg, cfg_ramp)
+        steps = [num_steps] * n if isinstance(num_steps, int) else list(num_steps)
+        if len(steps) != n:
+            raise ValueError(f"num_steps: one int, or one per scale ({n}), got {num_steps}")
+        if known is not None and (len(known[0]) != n or len(known[1]) != n):
+            raise ValueError(f"known: a ground-truth map and a mask (or None) per scale ({n}), "
+                             f"got {len(known[0])} maps and {len(known[1])} masks")
         caches = [dict() for _ in range(len(self.encoder_blocks) + len(self.decoder_blocks))]
         maps, sems = [], []
         gen_device = generator.device if generator is not None else device
 
-        for i, (hw, sl) in enumerate(zip(self.scales, self.slices)):
+        for i, (hw, sl) in enumerate(zip(hws, slices)):
             # AR step: C (i = 0) or Up(s^{i-1}) of the generated (conditional) map, both CFG halves
             prev = None if i == 0 else (torch.cat([maps[-1], maps[-1]]) if use_cfg else maps[-1]).to(dtype)
-            x_in = self.scale_input(i, labels_in, prev)                                  # (B', N_i, D)
-            s_hat = self.transformer(x_in, labels_in, start=sl.start, caches=caches)  # (B', N_i, D)
+            x_in = self.scale_input(i, labels_in, prev, hws)                                   # (B', N_i, D)
+            s_hat = self.transformer(x_in, labels_in, start=sl.start, caches=caches, scales=hws)  # (B', N_i, D)
             sems.append(s_hat[:B])
-            pos, N = self.positions[sl], sl.stop - sl.start
+            pos, N = positions[sl], sl.stop - sl.start
 
             # Flow matching: Euler from noise (t = 1) to data (t = 0) with only the conditional
             # state x (B, N, C); cfg_velocity guides the steps inside the guidance interval.
             noise = torch.randn(B, N, self.latent_channels, generator=generator,
                                 device=gen_device, dtype=torch.float64).to(device)
-            predict = lambda x, t, w=weights[i]: cfg_velocity(self.flownet, x.to(dtype), t, s_hat, pos, w, guidance)
+            m = None if known is None or known[1][i] is None else tokens_from_map(
+                known[1][i].to(device, torch.float64).expand(B, 1, *hw))                     # (B, N, 1)
+            if m is not None:                                                                   # editing
+                gt = tokens_from_map(known[0][i].to(device, torch.float64))                     # (B, N, C)
+                path = lambda t, gt=gt, eps=noise: (1 - t) * gt + t * eps   # released Eq. 7 at time t
+                head_in = (lambda x, t, m=m, path=path: m * path(t) + (1 - m) * x) if known_inside else (lambda x, t: x)
+            else:
+                head_in = lambda x, t: x
+            predict = lambda x, t, w=weights[i], f=head_in: cfg_velocity(
+                self.flownet, f(x, t).to(dtype), t, s_hat, pos, w, guidance)
             x = self.integrate(predict, noise, euler_time_grid(steps[i], device=device))  # (B, N_i, C) fp64
+            if m is not None:                          # the known region is the ground truth
+                x = m * gt + (1 - m) * x
             maps.append(map_from_tokens(x.to(dtype), hw))
 
         return (maps[-1], dict(maps=maps, semantics=sems)) if return_details else maps[-1]

@@ -43,6 +43,7 @@ from PIL import Image
 
 from data import CIFAR10_CLASSES, SHAPES_CLASSES, atomic_file, keep_freed_memory, to_uint8
 from flowar import FlowAR, SAMPLING_DEFAULTS, upgrade_config
+from flowar import normalize_scales as flowar_normalize
 from vae import load_state_dict_strict, load_vae
 
 # Class names of the small datasets (the grid log prints them); ImageNet shows ids.
@@ -141,14 +142,34 @@ def check_vae(model, vae):
                          f"model was trained with (pass the right one with --vae)")
 
 
-def sampling_settings(preset, num_steps=None, cfg=None, guidance=None, cfg_ramp=None):
-    """Flags given on the command line win; the others come from SAMPLING_DEFAULTS[preset]."""
+def sampling_settings(preset, num_steps=None, cfg=None, guidance=None, cfg_ramp=None, scales=None):
+    """Flags given on the command line win; the others come from SAMPLING_DEFAULTS[preset].
+    scales: a scale list other than the training one (scale-free models), or None; a default
+    grid per scale (the toy's [50, 8]) then becomes the first value for the 1x1 scale and the
+    last for every other (1, 2, 4, 8 -> [50, 8, 8, 8]); a --num-steps list must fit the list."""
     given = dict(num_steps=num_steps, cfg=cfg, guidance=guidance, cfg_ramp=cfg_ramp)
     unset = ['--' + k.replace('_', '-') for k, v in given.items() if v is None]
     if unset and preset not in SAMPLING_DEFAULTS:
         raise ValueError(f"no sampling defaults for the model preset {preset!r} (known: "
                          f"{sorted(SAMPLING_DEFAULTS)}); pass {' '.join(unset)} explicitly")
-    return {k: (SAMPLING_DEFAULTS[preset][k] if v is None else v) for k, v in given.items()}
+    st = {k: (SAMPLING_DEFAULTS[preset][k] if v is None else v) for k, v in given.items()}
+    steps = st['num_steps']
+    if scales is not None and isinstance(steps, list) and len(steps) != len(scales):
+        if num_steps is not None:
+            raise ValueError(f"--num-steps {','.join(map(str, steps))} has {len(steps)} values but --scales "
+                             f"has {len(scales)} scales: give one value, or one per scale")
+        st['num_steps'] = [steps[0]] + [steps[-1]] * (len(scales) - 1)
+    return dict(st, scales=scales)
+
+
+def parse_scales(text):
+    """--scales: '1,2,4,8' -> [1, 2, 4, 8], increasing square sizes (flowar.normalize_scales)."""
+    try:
+        scales = [int(part) for part in text.split(',')]
+        flowar_normalize(scales)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"increasing integers such as 1,2,4,8, got {text!r} ({err})") from None
+    return scales
 
 
 def parse_steps(text):
@@ -202,7 +223,7 @@ def decode(vae, latents, scale_factor):
 
 @torch.no_grad()
 def generate(model, vae, scale_factor, labels, *, num_steps, cfg, guidance, cfg_ramp=True,
-             generator=None, show_scales=False, scale_upsample='bicubic'):
+             generator=None, show_scales=False, scale_upsample='bicubic', scales=None):
     """Sample len(labels) images as one batch.
 
     labels: list or (B,) tensor of class ids. returns uint8 numpy (B, H, W, 3), or with
@@ -215,7 +236,7 @@ def generate(model, vae, scale_factor, labels, *, num_steps, cfg, guidance, cfg_
     device = model.class_emb.weight.device
     labels = torch.as_tensor(labels, dtype=torch.long).to(device)
     latents, details = model.sample(labels, num_steps=num_steps, cfg=cfg, guidance=guidance, cfg_ramp=cfg_ramp,
-                                    generator=generator, return_details=True)  # (B, C, H, W)
+                                    generator=generator, return_details=True, scales=scales)  # (B, C, H, W)
     if not show_scales:
         return decode(vae, latents, scale_factor)  # (B, H, W, 3)
     if scale_upsample not in ('bicubic', 'nearest'):
@@ -247,13 +268,13 @@ def make_grid(images, nrow, pad=2, pad_value=255):
 
 
 def sample_images(model, vae, scale_factor, labels, *, seed, batch_size, num_steps, cfg,
-                  guidance, cfg_ramp=True, show_scales=False, scale_upsample='bicubic'):
+                  guidance, cfg_ramp=True, show_scales=False, scale_upsample='bicubic', scales=None):
     """All `labels` in chunks of batch_size, chunk c seeded from (seed, c) as in sample_npz.
     returns uint8 (N, H, W, 3), or (N, n_scales, H, W, 3) with show_scales."""
     return np.concatenate([
         generate(model, vae, scale_factor, labels[start:stop], num_steps=num_steps, cfg=cfg,
                  guidance=guidance, cfg_ramp=cfg_ramp, generator=chunk_generator(seed, c),
-                 show_scales=show_scales, scale_upsample=scale_upsample)
+                 show_scales=show_scales, scale_upsample=scale_upsample, scales=scales)
         for c, start, stop in _chunks(len(labels), batch_size)])
 
 
@@ -277,6 +298,8 @@ def build_parser():
     g.add_argument('--num-steps', type=parse_steps, help="the released time grid per scale (flowar.euler_time_grid): "
                    "n Euler steps for even n (50: uniform), n - 1 for odd n (25 -> 24, as released); "
                    "one n for every scale, or one per scale: 50,8")
+    g.add_argument('--scales', type=parse_scales, help="sample with this scale list, e.g. 1,2,4,8 (a model "
+                   "trained with --pos-embed scale-free; default: the training list)")
     g.add_argument('--cfg', type=float, help="classifier-free guidance weight at the last scale")
     g.add_argument('--guidance', type=float, help="guidance only while t <= this (the interval)")
     g.add_argument('--cfg-ramp', action=argparse.BooleanOptionalAction, default=None,
@@ -337,8 +360,13 @@ def main(argv=None):
         raise ValueError(f"the model was trained on latents scaled by {trained_sf} but the VAE "
                          f"{vae_path!r} has scale factor {scale_factor}: not the VAE of training")
     log(f"vae: {vae_path} (scale factor {scale_factor})")
-    st = sampling_settings(preset, args.num_steps, args.cfg, args.guidance, args.cfg_ramp)
-    log(f"sampling: num_steps={st['num_steps']} cfg={st['cfg']} cfg_ramp={st['cfg_ramp']} guidance={st['guidance']} "
+    try:
+        st = sampling_settings(preset, args.num_steps, args.cfg, args.guidance, args.cfg_ramp, args.scales)
+        model.layout(args.scales)                 # a list this model cannot take: a usage error
+    except ValueError as err:
+        parser.error(str(err))
+    log(f"sampling: scales={args.scales or [h for h, _ in model.scales]} num_steps={st['num_steps']} "
+        f"cfg={st['cfg']} cfg_ramp={st['cfg_ramp']} guidance={st['guidance']} "
         f"seed={args.seed} batch_size={args.batch_size} device={device}")
 
     if args.npz is None:
@@ -439,11 +467,13 @@ def sample_npz(model, vae, scale_factor, out_path, *, num_images, seed, batch_si
     chunks = _chunks(num_images, batch_size)                               # (index, start, stop)
     parts = out_path + '.parts'
     chunk_path = lambda c: os.path.join(parts, f'chunk_{c:06d}.npy')
-    if set(settings) != {'num_steps', 'cfg', 'guidance', 'cfg_ramp'}:
-        raise ValueError(f"settings needs num_steps, cfg, guidance and cfg_ramp (sampling_settings), "
-                         f"got {sorted(settings)}")
-    meta = dict(num_images=num_images, batch_size=batch_size, seed=seed, **settings,
-                num_classes=model.num_classes, scales=[list(s) for s in model.scales], **(run_info or {}))
+    if set(settings) - {'scales'} != {'num_steps', 'cfg', 'guidance', 'cfg_ramp'}:
+        raise ValueError(f"settings needs num_steps, cfg, guidance and cfg_ramp, and may hold scales "
+                         f"(sampling_settings), got {sorted(settings)}")
+    used = model.layout(settings.get('scales'))[0]       # the scale list these images come from
+    meta = dict(num_images=num_images, batch_size=batch_size, seed=seed,
+                **{k: v for k, v in settings.items() if k != 'scales'},
+                num_classes=model.num_classes, scales=[list(s) for s in used], **(run_info or {}))
     # 1. An existing parts folder must come from the same settings (every rank checks).
     _open_parts(parts, meta, rank)
 

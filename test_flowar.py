@@ -528,6 +528,104 @@ class TestSampler:
         assert model.training
 
 
+class TestFlexibleScales:
+    """Beyond the paper (FlexVAR on FlowAR): scale-free position embeddings, any scale list,
+    and the known region of zero-shot editing (FlowAR.sample's `known`)."""
+
+    def test_learned_embeddings_keep_the_released_layout_and_refuse_other_lists(self):
+        model = tiny_model()
+        assert model.config['pos_embed'] == 'learned' and model.encoder_pos_embed_learned.shape == (1, 85, 64)
+        hw, sl, mask, pos = model.layout(None)
+        assert hw == model.scales and mask is model.attn_mask and pos is model.positions
+        assert model.layout([1, 2, 4, 8])[2] is model.attn_mask           # its own list, spelled out
+        with pytest.raises(ValueError, match='scale-free'):
+            model.sample(torch.tensor([1]), num_steps=4, scales=[1, 8])
+        with pytest.raises(ValueError, match='pos_embed'):
+            tiny_model(pos_embed='absolute')
+
+    def test_scale_free_embeddings_are_one_table_resized_to_every_scale(self):
+        model = tiny_model(pos_embed='scale-free')
+        table = model.encoder_pos_embed_learned
+        assert table.shape == (1, 64, 64)                                 # the 8x8 grid, D = 64
+        grid = flowar.map_from_tokens(table, (8, 8))                      # (1, D, 8, 8)
+        enc = model.pos_embeds(flowar.normalize_scales([1, 3, 8]))[0]     # (1, 1 + 9 + 64, D)
+        assert enc.shape == (1, 74, 64)
+        assert torch.allclose(enc[0, 0], table[0].mean(0), atol=1e-6)     # 1x1: the mean of the table
+        assert torch.allclose(enc[:, 1:10], flowar.tokens_from_map(F.interpolate(grid, size=(3, 3), mode='area')))
+        assert torch.equal(enc[:, 10:], table)                            # the full grid: the table
+        hw, sl, mask, pos = model.layout([1, 3, 8])
+        assert torch.equal(mask, flowar.block_causal_mask([1, 3, 8]))
+        assert torch.equal(pos[1:4], torch.tensor([[0, 0], [0, 8 / 3], [0, 16 / 3]]))
+        with pytest.raises(ValueError, match='latent size'):
+            model.layout([1, 2, 4])
+
+    @pytest.mark.parametrize('scales', [[1, 8], [1, 3, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
+    def test_scale_free_model_samples_and_trains_on_any_list(self, scales):
+        model = tiny_model(pos_embed='scale-free')
+        labels = torch.tensor([0, 5])
+        z, info = model.sample(labels, num_steps=4, cfg=2.0, generator=torch.Generator().manual_seed(0),
+                               return_details=True, scales=scales)
+        assert z.shape == (2, 4, 8, 8) and [m.shape[-1] for m in info['maps']] == scales
+        full = model.semantics(info['maps'], labels)                    # KV cache = masked pass
+        for sl, s_hat in zip(model.layout(scales)[1], info['semantics']):
+            assert (full[:, sl] - s_hat).abs().max() <= 1e-5
+        noise = [torch.randn(2, 4, s, s) for s in scales]                # the noise sets the list
+        loss, per = model(z, labels, noise, torch.rand(2, len(scales)))
+        assert torch.isfinite(loss) and per.shape == (len(scales),)
+        with pytest.raises(ValueError, match='t of shape'):
+            model(z, labels, noise, torch.rand(2, len(scales) + 1))
+
+    def test_expansion_list_ends_beyond_the_latent(self):
+        model = tiny_model(pos_embed='scale-free')
+        z = model.sample(torch.tensor([1]), num_steps=4, scales=[1, 4, 8, 16], generator=torch.Generator().manual_seed(0))
+        assert z.shape == (1, 4, 16, 16) and torch.isfinite(z).all()
+        pos = model.layout([1, 8, 16])[3]
+        assert pos[-1].tolist() == [7.5, 7.5]        # 16x16 positions between the trained 8x8 ones
+
+    def test_known_region_is_the_ground_truth_and_unknown_is_plain_sampling(self):
+        model = tiny_model()
+        torch.manual_seed(4)
+        y = torch.tensor([2, 3])
+        gt = flowar.build_scale_pyramid(torch.randn(2, 4, 8, 8), model.scales)
+        run = lambda masks, inside=True: model.sample(
+            y, num_steps=6, cfg=2.0, generator=torch.Generator().manual_seed(1), return_details=True,
+            known=(gt, masks), known_inside=inside)[1]['maps']
+        plain = model.sample(y, num_steps=6, cfg=2.0, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(run([None] * 4)[-1], plain)                       # nothing known
+        assert all(torch.equal(a, b) for a, b in zip(run([torch.ones(1, 1, s, s) for s in (1, 2, 4, 8)]), gt))
+        m = torch.zeros(1, 1, 8, 8)
+        m[..., :, :4] = 1.0                                                  # the left half known
+        masks = [F.interpolate(m, size=(s, s), mode='area') for s in (1, 2, 4, 8)]
+        assert masks[0].item() == 0.5                                        # soft at the coarse scale
+        for inside in (True, False):
+            maps = run(masks, inside)
+            assert torch.allclose(maps[-1][..., :4], gt[-1][..., :4], atol=1e-6)
+            assert not torch.allclose(maps[-1][..., 4:], gt[-1][..., 4:], atol=1e-2)
+        with pytest.raises(ValueError, match='per scale'):
+            model.sample(y, num_steps=4, known=(gt[:2], masks[:2]))
+
+    def test_inside_the_integration_the_head_sees_the_known_region_on_its_path(self):
+        # known_inside: at step time t the head's input in the known region is (1 - t) s_gt + t eps,
+        # with eps the state at t = 1 (the scale's noise); between scales only it is the Euler state
+        model = tiny_model()
+        torch.manual_seed(5)
+        gt = flowar.build_scale_pyramid(torch.randn(1, 4, 8, 8), model.scales)
+        masks = [None, None, None, torch.ones(1, 1, 8, 8)]
+        masks[3][..., 4:, :] = 0.0                                           # rows 0-3 known
+        known_tok = flowar.tokens_from_map(masks[3])[0, :, 0] > 0.5          # (64,)
+        gt_tok = flowar.tokens_from_map(gt[3])[0]
+        for inside in (True, False):
+            model.flownet = _RecordingHead(model.flownet.head if inside is False else model.flownet)
+            model.sample(torch.tensor([1]), num_steps=6, known=(gt, masks), known_inside=inside,
+                         generator=torch.Generator().manual_seed(0))
+            calls = model.flownet.calls[-6:]                       # the 8x8 scale's 6 Euler steps
+            eps = calls[0][1][0].double()                                     # t = 1: the noise
+            assert calls[0][0] == 1.0
+            t, x = calls[2]
+            on_path = (1 - t) * gt_tok.double() + t * eps
+            close = torch.allclose(x[0].double()[known_tok], on_path[known_tok], atol=1e-5)
+            assert close == inside
+
 def _reference_shapes(name):
     # reference/<file>_state_dict.txt: one 'key (shape)' line per tensor of a released checkpoint
     path = REFERENCE / f'{name}_state_dict.txt'

@@ -18,6 +18,16 @@ The pipeline has stages, and each one is skipped when its output already exists 
     5. samples    a class-conditional grid (one row per class) from the EMA weights:
                   OUT/samples.png
 
+A run folder:
+    out/cifar-toy/
+      vae.pt                the small VAE (weights, config, latent scale factor)
+      vae_train_state.pt    its resumable training state; vae_recon.png: test images, reconstructions
+      latents/              moments.npy (N, P, 2C, h, w) memmap (P = 1 plain, 2 with --cache-flips), labels.npy, header.json, done.npy
+      ckpt.pt               model, EMA, optimizers, step, epoch, config, RNG states (loads with weights_only=True)
+      log.jsonl             one JSON line per log step: loss, per-scale losses, lr, grad norm, img/s, ETA
+      samples.png           the class-conditional grid (samples_<step>.png with --sample-every)
+    out/ablations/table<k>/<row>-seed<s>/   an ablation row's ckpt.pt, log.jsonl (resumes); its .json, .png beside
+
 Single process vs torchrun is decided by one thing: is RANK in the environment (as in
 nanoGPT). Only rank 0 logs, samples and writes checkpoints.
 
@@ -66,7 +76,7 @@ _IMAGENET = dict(
     grad_ckpt=False, precision='fp32', compile=False, scale_weighting='tokens',
     init='released', t_sampling='uniform', vae_max_steps=0, vae_batch_size=64, vae_optimizer='adam',
     cache_batch_size=64,
-    cache_flips=True,
+    cache_flips=True, pos_embed='learned', scale_lists='fixed',
     log_every=100, ckpt_every=5000, sample_every=0, num_sample_classes=10,
     seed=0, device='',
 )
@@ -84,7 +94,7 @@ _TOY = dict(
     grad_ckpt=False, precision='auto', compile=False, scale_weighting='tokens',
     init='released', t_sampling='logit-normal', vae_max_steps=2800, vae_batch_size=16, vae_optimizer='muon',
     cache_batch_size=256,
-    cache_flips=False,
+    cache_flips=False, pos_embed='learned', scale_lists='fixed',
     log_every=50, ckpt_every=500, sample_every=0, num_sample_classes=10,
     seed=0, device='',
 )
@@ -97,6 +107,10 @@ PRESETS = {
     # steps of batch 16 (more steps beat bigger batches this short). Its grid shows colours
     # and layouts, not objects. `--dataset shapes`: the same, no download. Its time and
     # score: docs/speed.md, "Smoke run".
+    # The toy with scale-free position embeddings and a random scale list every step
+    # (FlexVAR's recipe on the 8x8 latent, draw_scale_list): one model for any list at
+    # inference (sample.py --scales) and for zero-shot editing; docs/flexible.md.
+    'cifar-toy-flex': dict(_TOY, out='out/cifar-toy-flex', pos_embed='scale-free', scale_lists='random'),
     'cifar-smoke': dict(_TOY, out='out/cifar-smoke', subset=4000, vae_max_steps=700, batch_size=16,
                         epochs=2.4, log_every=100),
     # ImageNet 256x256 with the MAR KL-16 VAE (--vae kl16.ckpt): the paper's recipe.
@@ -134,6 +148,8 @@ HELP = {
                  "precision); 'auto': bf16 where the device computes it natively, else fp32 (resolve_precision)",
     'compile': 'torch.compile the model',
     'scale_weighting': "loss weight of each scale: 'tokens' (released, h*w / (H*W)) or 'uniform' (Eq. 9's plain sum)",
+    'pos_embed': "FlowAR's position embeddings: 'learned' (released; one per token of the training scale list) or 'scale-free' (one table on the finest grid, resized to any scale list)",
+    'scale_lists': "'fixed' (the model's scale list every step) or 'random' (a random list every step: 1, some sizes between, the latent size; needs --pos-embed scale-free)",
     'init': "weight init: 'released' (xavier everywhere) or 'adaln-zero' (DiT: zero adaLN and output layers)",
     't_sampling': "training time steps t per scale: 'uniform' (released) or 'logit-normal' (sigmoid of N(0, 1), SD3)",
     'vae_max_steps': 'training steps of the small VAE (toy pipeline, when no --vae is given)',
@@ -186,6 +202,10 @@ def parse_args(argv=None):
         (cfg['precision'] in ('fp32', 'bf16', 'auto'), "--precision must be fp32, bf16 or auto"),
         (cfg['scale_weighting'] in ('tokens', 'uniform'), "--scale-weighting must be tokens or uniform"),
         (cfg['init'] in ('released', 'adaln-zero'), "--init must be released or adaln-zero"),
+        (cfg['pos_embed'] in ('learned', 'scale-free'), "--pos-embed must be learned or scale-free"),
+        (cfg['scale_lists'] in ('fixed', 'random'), "--scale-lists must be fixed or random"),
+        (cfg['scale_lists'] == 'fixed' or cfg['pos_embed'] == 'scale-free',
+         "--scale-lists random needs --pos-embed scale-free (learned embeddings fix the list)"),
         (cfg['t_sampling'] in ('uniform', 'logit-normal'), "--t-sampling must be uniform or logit-normal"),
         (cfg['optimizer'] in ('adamw', 'muon'), "--optimizer must be adamw or muon"),
         (cfg['vae_max_steps'] >= 0, "--vae-max-steps must be >= 0"),
@@ -364,11 +384,26 @@ def sample_randomness(seed, step, global_index, latent_shape, num_scales, scales
     return flip, eps_post, t, noise, drop
 
 
+def draw_scale_list(seed, step, final_hw, keep=0.25):
+    """The scale list of one training step for --scale-lists random (FlexVAR's random lists,
+    adapted to a small square latent): always 1 and the latent size, each size between kept
+    with probability `keep`; from a generator seeded by (seed, step) alone, so every rank and
+    accumulation step of the step uses the same list. E.g. (8, 8) -> [(1, 1), (3, 3), (8, 8)]."""
+    H, W = final_hw
+    g = torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_003 - 1)  # not a sample's seed
+    kept = torch.rand(max(min(H, W) - 2, 0), generator=g) < keep                   # sizes 2 .. H-1
+    between = [(k, round(k * W / H)) for k, on in zip(range(2, min(H, W)), kept.tolist()) if on]
+    return [(1, 1)] + between + [(H, W)]
+
+
 def make_batch(ds, indices, global_offset, cfg, step, model_cfg, device):
     """The training inputs of the samples `indices` (positions global_offset.. in the
-    global batch): scaled posterior samples, labels after dropout, noise and t."""
+    global batch): scaled posterior samples, labels after dropout, noise and t. The noise
+    maps' sizes are this step's scale list (the model's, or draw_scale_list's)."""
     moments, labels = ds.moments_batch(indices)                # (B, 2, 2C, h, w), (B,)
     scales = flowar.normalize_scales(model_cfg['scales'])
+    if cfg.get('scale_lists') == 'random':
+        scales = draw_scale_list(cfg['seed'], step, scales[-1])
     C = model_cfg['latent_channels']
     z, ts, noise, keep = [], [], [[] for _ in scales], []
     for j in range(len(indices)):
@@ -550,7 +585,8 @@ def build_model(cfg, latent_shape, num_classes, lr, device):
     torch.manual_seed(cfg['seed'])  # same init on every rank (DDP also broadcasts it)
     model = flowar.FlowAR.from_preset(cfg['model'], latent_channels=latent_shape[0], num_classes=num_classes,
                                       scales=_default_scales(cfg['model'], latent_shape), init=cfg['init'],
-                                      grad_checkpointing=cfg['grad_ckpt'], scale_weighting=cfg['scale_weighting']).to(device)
+                                      grad_checkpointing=cfg['grad_ckpt'], scale_weighting=cfg['scale_weighting'],
+                                      pos_embed=cfg.get('pos_embed', 'learned')).to(device)
     model.preset_name = cfg['model']
     return new_state(model, cfg, lr, device)
 
@@ -604,6 +640,8 @@ def train(cfg, run, state, ds, *, record, sample_grid=None, make_inputs=make_bat
         micro_batches = [make_inputs(ds, batch_idx[off:off + batch.micro].tolist(), off, cfg, step,
                                      model.config, device) for off in offsets]
         step_loss = forward_backward(train_model, micro_batches, run)
+        if cfg.get('scale_lists') == 'random':   # lists differ between steps: log the first and last scale
+            step_loss = step_loss[[0, 1, -1]]
         if not torch.isfinite(step_loss[0]):
             raise SystemExit(f"non-finite loss at step {step} ({step_loss[0].item()}); stopping without "
                              f"saving. The last good checkpoint is {run.ckpt_path}. With --precision bf16 "

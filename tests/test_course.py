@@ -93,7 +93,7 @@ MISTAKES = {
         ('a sum over tokens instead of the mean', 'flowar.py',
          [(".mean(dim=(1, 2)).mean()", ".sum(dim=(1, 2)).mean()")]),
         ('the semantics of the whole sequence pooled for every scale', 'flowar.py',
-         [("s_hat[:, sl], self.positions[sl])", "s_hat[:, sl].mean(1, keepdim=True).expand_as(s_hat[:, sl]), self.positions[sl])")]),
+         [("s_hat[:, sl], positions[sl])", "s_hat[:, sl].mean(1, keepdim=True).expand_as(s_hat[:, sl]), positions[sl])")]),
     ],
     'spatial-adaln': [
         ('shift and scale swapped', 'flowar.py',

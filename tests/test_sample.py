@@ -221,3 +221,33 @@ def test_make_grid_layout():
     assert g.shape == (3 * 3 + 1, 2 * 4 + 1, 3)
     assert (g[1:3, 1:4] == 0).all() and (g[1:3, 5:8] == 1).all() and (g[7:9, 1:4] == 4).all()
     assert (g[7:9, 5:8] == 255).all()  # the empty sixth cell stays padding
+
+
+def test_scale_lists_other_than_the_training_one(smp_files, tmp_path, capsys):
+    # a learned-embedding model refuses --scales (a parser error); the toy's default grid per
+    # scale [50, 8] stretches to a longer list; an explicit --num-steps list must fit it
+    with pytest.raises(SystemExit) as e:
+        sample.main(['--ckpt', smp_files['ckpt'], '--scales', '1,8', '--out', str(tmp_path / 'g.png')] + _FAST)
+    assert e.value.code == 2 and 'scale-free' in capsys.readouterr().err
+    st = sample.sampling_settings('toy', scales=[1, 2, 4, 8])
+    assert st['num_steps'] == [50, 8, 8, 8] and st['scales'] == [1, 2, 4, 8]
+    assert sample.sampling_settings('toy')['scales'] is None
+    with pytest.raises(ValueError, match='one per scale'):
+        sample.sampling_settings('toy', num_steps=[50, 8], scales=[1, 4, 8])
+    with pytest.raises(SystemExit):
+        sample.build_parser().parse_args(['--scales', '1,4,2'])
+    # a scale-free model samples any list, grid and .npz
+    torch.manual_seed(0)
+    model = FlowAR.from_preset('toy', num_classes=4, ar_dim=64, enc_depth=1, dec_depth=1, ar_heads=2,
+                               head_depth=1, head_width=64, scales=(1, 2, 4, 8), pos_embed='scale-free')
+    ck = torch.load(smp_files['ckpt'], weights_only=True)
+    ck.update(model=model.state_dict(), ema=model.state_dict(), config=dict(ck['config'], model=model.config))
+    path = str(tmp_path / 'flex.pt')
+    torch.save(ck, path)
+    out = sample.main(['--ckpt', path, '--scales', '1,3,8', '--classes', '0,1', '--per-class', '2',
+                       '--out', str(tmp_path / 'g.png')] + _FAST)
+    assert _png(out).shape == (2 * 18 + 2, 2 * 18 + 2, 3)
+    npz = str(tmp_path / 's.npz')
+    sample.main(['--ckpt', path, '--scales', '1,2,3,4,5,6,7,8', '--num-images', '4', '--npz', npz] + _FAST)
+    with np.load(npz) as z:
+        assert z['arr_0'].shape == (4, 16, 16, 3)

@@ -158,6 +158,19 @@ def test_sample_randomness_is_one_generator_per_seed_step_and_sample():
     assert not torch.equal(ts[:, 0], ts[:, 1])                               # an independent t per scale
 
 
+def test_random_scale_lists_always_hold_1_and_the_latent_size():
+    lists = [train.draw_scale_list(0, step, (8, 8)) for step in range(2000)]
+    assert all(l[0] == (1, 1) and l[-1] == (8, 8) for l in lists)
+    assert all(all(a[0] < b[0] for a, b in zip(l, l[1:])) for l in lists)         # increasing
+    assert train.draw_scale_list(0, 7, (8, 8)) == lists[7]                          # seeded by (seed, step)
+    assert any(train.draw_scale_list(1, s, (8, 8)) != lists[s] for s in range(20))
+    for k in range(2, 8):                                                            # each size kept 25%
+        share = sum((k, k) in l for l in lists) / len(lists)
+        assert abs(share - 0.25) < 0.04, (k, share)
+    assert abs(sum(len(l) == 2 for l in lists) / len(lists) - 0.75 ** 6) < 0.03     # {1, 8} alone
+    assert len({tuple(l) for l in lists[:50]}) > 10 and train.draw_scale_list(3, 0, (2, 2)) == [(1, 1), (2, 2)]
+
+
 def test_logit_normal_t_is_sigmoid_of_a_standard_normal():
     # The toy's t distribution (train.sample_randomness, t_sampling='logit-normal', SD3):
     # logit(t) must be N(0, 1), so 72.7% of the draws fall in [0.25, 0.75] (uniform: 50%).
@@ -247,6 +260,20 @@ def test_smoke_run_writes_checkpoint_grid_and_log(toy_setup, tmp_path):
     lines = (tmp_path / 'run' / 'log.jsonl').read_text().splitlines()
     assert len(lines) == 3 and {'loss', 'scale_losses', 'lr', 'grad_norm', 'img_per_s', 'eta_s'} <= set(json.loads(lines[-1]))
     assert not list((tmp_path / 'run').glob('*.tmp*'))        # no temporary file left behind
+
+
+def test_random_scale_lists_train_a_scale_free_model_that_samples_any_list(toy_setup, tmp_path):
+    _, vae_path = toy_setup
+    ck = _run_train(tmp_path / 'flex', vae_path, '--max-steps', '4', '--pos-embed', 'scale-free',
+                    '--scale-lists', 'random', '--model', 'toy')
+    assert ck['config']['model']['pos_embed'] == 'scale-free' and ck['step'] == 4
+    logs = [json.loads(l) for l in (tmp_path / 'flex' / 'log.jsonl').read_text().splitlines()]
+    assert len(logs) == 4 and all(len(r['scale_losses']) == 2 for r in logs)     # first and last scale
+    model = FlowAR(**ck['config']['model'])
+    model.load_state_dict(ck['ema'])
+    assert model.sample(torch.tensor([0]), num_steps=4, scales=[1, 2, 4, 8]).shape == (1, 4, 8, 8)
+    with pytest.raises(SystemExit):                                               # learned + random
+        train.parse_args(['--scale-lists', 'random'])
 
 
 def test_ema_of_a_short_training_run_is_close_to_the_trained_weights(toy_setup, tmp_path):
